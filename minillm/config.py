@@ -1,0 +1,103 @@
+"""Run configuration: dataclasses and the named presets (`tiny` for tests, `cpu` default, `gpu`).
+
+A preset fills `GPTConfig` (the network) and `TrainConfig` (the optimisation); command-line flags override
+single fields (`--n-layer 6 --lr 1e-3`), and every run writes the resolved config next to its outputs.
+The vocabulary size is not a preset field: it always comes from the tokenizer.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from minillm.model import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every stage (pretraining, SFT, reward model, DPO)."""
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_iters: int = 10
+    log_interval: int = 10
+    ckpt_interval: int = 0  # 0: only at the end
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16/fp16 autocast on CUDA, fp32 elsewhere; or "float32"
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "eval_iters", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "ckpt_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.grad_clip < 0:
+            raise ValueError(f"TrainConfig.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.dtype not in ("auto", "float32"):
+            raise ValueError(f"TrainConfig.dtype must be 'auto' or 'float32', got {self.dtype!r}")
+
+
+@dataclass
+class Preset:
+    """A named bundle: network shape, pretraining settings, tokenizer vocabulary, stage step counts."""
+
+    model: GPTConfig
+    pretrain: TrainConfig
+    vocab_size: int = 2048
+    stage_steps: dict[str, int] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    # Seconds: the unit tests and the notebooks' smoke runs.
+    "tiny": Preset(
+        model=GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0),
+        pretrain=TrainConfig(max_steps=60, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
+                             eval_interval=30, eval_iters=2, log_interval=10),
+        stage_steps={"sft": 40},
+    ),
+    # The default: the whole pipeline in minutes on a 2-core laptop CPU.
+    "cpu": Preset(
+        model=GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.0),
+        pretrain=TrainConfig(max_steps=1500, batch_size=24, lr=2e-3, min_lr=2e-4, warmup_steps=100,
+                             eval_interval=250, eval_iters=10, log_interval=25),
+        stage_steps={"sft": 300},
+    ),
+    # GPT-2 small (124M) on one consumer GPU.
+    "gpu": Preset(
+        model=GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0),
+        pretrain=TrainConfig(max_steps=5000, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,
+                             warmup_steps=200, eval_interval=500, eval_iters=20, log_interval=50),
+        vocab_size=8192,
+        stage_steps={"sft": 1000},
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """A deep copy of a named preset, so callers can override fields freely."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def override(obj: Any, values: dict[str, Any]) -> Any:
+    """A copy of dataclass `obj` with the given fields replaced (validated by its __post_init__)."""
+    known = {f.name for f in fields(obj)}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        raise ValueError(f"{type(obj).__name__}: unknown field(s) {unknown}")
+    return type(obj)(**{**asdict(obj), **values})

@@ -1,0 +1,114 @@
+"""Load Hugging Face GPT-2 checkpoints into `minillm.model.GPT`.
+
+Hugging Face stores `c_attn`, `c_proj` and `c_fc` as `Conv1D` modules whose weight is (in, out), the
+transpose of `nn.Linear`'s (out, in), so those four matrices per block are transposed on the way in.
+Keys may carry a `transformer.` prefix; `lm_head.weight` is tied to `wte.weight` and may be absent;
+old checkpoints also hold `attn.bias` / `attn.masked_bias` mask buffers, which are not parameters.
+The head count cannot be read from the tensors, so it comes from `config.json` or the `config` argument.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm.utils import safe_torch_load
+
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MASK_BUFFER_SUFFIXES = ("attn.bias", "attn.masked_bias")
+
+
+def config_from_hf(hf: dict[str, Any]):
+    """Map a Hugging Face GPT2Config dict (n_positions, n_ctx, ...) to a GPTConfig."""
+    from minillm.model import GPTConfig
+
+    try:
+        return GPTConfig(
+            vocab_size=int(hf["vocab_size"]),
+            block_size=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
+            n_layer=int(hf["n_layer"]),
+            n_head=int(hf["n_head"]),
+            n_embd=int(hf["n_embd"]),
+            dropout=0.0,
+            bias=True,
+        )
+    except KeyError as e:
+        raise ValueError(f"Hugging Face GPT-2 config is missing field {e.args[0]!r}") from e
+
+
+def read_hf_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, config dict) from a directory with config.json and model.safetensors or pytorch_model.bin."""
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} not found (a GPT-2 checkpoint directory needs config.json)")
+    try:
+        hf_config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: invalid JSON ({e})") from e
+    st_file, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
+    if st_file.exists():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st_file)), hf_config
+        except Exception as e:
+            raise ValueError(f"{st_file}: not a readable safetensors file ({e})") from e
+    if bin_file.exists():
+        return safe_torch_load(bin_file), hf_config
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
+
+
+def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip `transformer.`, drop mask buffers and lm_head (tied), transpose Conv1D weights."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        name = key[len("transformer."):] if key.startswith("transformer.") else key
+        if name.endswith(MASK_BUFFER_SUFFIXES) or name == "lm_head.weight":
+            continue
+        if name.endswith(CONV1D_SUFFIXES):
+            value = value.t()  # Conv1D (in, out) -> Linear (out, in)
+        out[name] = value.contiguous()
+    return out
+
+
+def load_hf_gpt2(cls, path_or_state_dict, config=None):
+    """Build `cls` (GPT) from a Hugging Face GPT-2 directory or state dict. See the module docstring."""
+    from minillm.model import GPTConfig
+
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = Path(path_or_state_dict)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: not a directory with config.json + model weights")
+        sd, hf_config = read_hf_directory(path)
+        if config is None:
+            config = hf_config
+    else:
+        sd = path_or_state_dict
+        if config is None:
+            raise ValueError(
+                "from_hf_gpt2: a state dict needs `config` (an HF config dict or a GPTConfig): "
+                "the number of heads cannot be read from the tensors"
+            )
+    if isinstance(config, dict):
+        config = config_from_hf(config)
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"from_hf_gpt2: config must be a GPTConfig or dict, got {type(config).__name__}")
+    model = cls(config)
+    converted = convert_hf_state_dict(sd)
+    expected = model.state_dict()
+    expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"from_hf_gpt2: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    for name, tensor in converted.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"from_hf_gpt2: {name} has shape {tuple(tensor.shape)}, the config expects "
+                f"{tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(converted, strict=False)  # lm_head is tied to wte
+    return model

@@ -1,0 +1,163 @@
+"""Decoding: greedy, temperature, top-k and top-p (nucleus) sampling, with or without a KV cache.
+
+At each step the model gives logits z over the vocabulary for the next token, and
+
+    p_i = softmax(z / T)_i                      temperature T (T -> 0 is greedy argmax)
+    top-k: keep the k largest p_i, renormalise
+    top-p: keep the smallest set of most likely tokens whose total probability reaches p (Holtzman et al., 2020)
+
+Without a cache every step re-runs the whole sequence: O(T^2) work for T tokens. With the KV cache the
+keys and values of earlier tokens are kept, and each step runs only the newest token against them.
+"""
+from __future__ import annotations
+
+import torch
+
+from minillm.model import GPT, KV
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest in its row to -inf. logits: (B, V)."""
+    if k <= 0:
+        raise ValueError(f"top_k must be positive, got {k}")
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens until their probability mass reaches p. logits: (B, V)."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
+    remove_sorted = mass_before >= p  # the top token has mass_before 0, so it is always kept
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One next token per row from logits (B, V): greedy when temperature == 0, else sampled."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = filter_top_k(logits, top_k)
+    if top_p is not None:
+        logits = filter_top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to one (B, T) tensor; returns (ids, attention_mask) with 1 on real tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: the first real token of each row gets position 0."""
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: torch.Tensor | list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """Extend each prompt by up to max_new_tokens tokens; returns ids (B, T_prompt + n_generated).
+
+    idx is a (B, T) tensor (optionally left-padded, with attention_mask) or a list of token lists of
+    different lengths, which are left-padded here. A row that emits eos_id is finished: its later
+    positions hold eos_id, and generation stops when every row is finished. Prompts longer than the
+    context are cropped from the left. With use_cache the result is the same as without, only faster.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    if isinstance(idx, list):
+        idx, attention_mask = left_pad(idx, pad_id)
+    idx = idx.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(idx)
+    attention_mask = attention_mask.to(device)
+    block = model.config.block_size
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
+    past: list[KV] | None = None
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            if past is None or past[0][0].shape[2] + 1 > block:
+                # No cache yet, no cache wanted, or the window slid past block_size: run the cropped window.
+                window_ids, window_mask = idx[:, -block:], attention_mask[:, -block:]
+                logits, past = model(
+                    window_ids, attention_mask=window_mask,
+                    position_ids=positions_from_mask(window_mask), use_cache=True,
+                )
+            else:
+                # Only the newest token runs; it attends to the cached keys/values.
+                window_mask = attention_mask[:, -past[0][0].shape[2] - 1:]  # the cached tokens + this one
+                logits, past = model(
+                    idx[:, -1:], attention_mask=window_mask, past_key_values=past,
+                    position_ids=positions_from_mask(window_mask)[:, -1:], use_cache=True,
+                )
+            if not use_cache:
+                past = None
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
+                finished |= next_id == eos_id
+            idx = torch.cat([idx, next_id[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_id)[:, None]], dim=1)
+            if eos_id is not None and bool(finished.all()):
+                break
+    finally:
+        model.train(was_training)
+    return idx
+
+
+def generate_completions(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    batch_size: int = 64,
+    **sampling,
+) -> list[list[int]]:
+    """The new tokens of each prompt (eos and what follows it removed), batching the prompts."""
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids = generate(model, chunk, max_new_tokens, eos_id=eos_id, **sampling)
+        T = max(len(p) for p in chunk)
+        for row in ids[:, T:].tolist():
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id)]
+            out.append(row)
+    return out

@@ -1,0 +1,259 @@
+"""One training loop for every stage: pretraining, SFT, the reward model and DPO.
+
+    step s:  lr_s = warmup then cosine(lr, min_lr)
+             g = (1 / N) * sum over micro-batches of grad(sum of per-unit losses)    N = units in the step
+             g <- g * min(1, clip / ||g||)
+             theta <- AdamW(theta, g, lr_s)   (weight decay on matrices only)
+
+A stage supplies `get_batch(split, generator)` and `loss_fn(model, batch) -> (loss_sum, n_units)`: the
+*sum* of its per-unit losses (tokens for language modelling, pairs for DPO) and how many units it summed.
+The loop divides the accumulated gradient by the units of the whole effective batch, so one micro-batch of 8
+and four micro-batches of 2 give the same update (per-micro-batch means would weight short batches more).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from minillm.config import TrainConfig
+from minillm.utils import (
+    atomic_torch_save, autocast_dtype, pick_device, rng_state, safe_torch_load, set_rng_state, write_json,
+)
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int | torch.Tensor]]
+GetBatch = Callable[[str, torch.Generator], Batch]
+CKPT_NAME = "ckpt.pt"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # 1 -> 0
+    return cfg.min_lr + cosine * (cfg.lr - cfg.min_lr)
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay only on matrices (not biases, LayerNorm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("configure_optimizer: the model has no trainable parameters")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor in a (nested) dict/list/tuple batch to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_tokens(batch: Batch) -> int:
+    """Tokens in a batch, for tokens/s: the size of its `input_ids` (or first tensor)."""
+    if isinstance(batch, dict):
+        t = batch.get("input_ids", next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+    elif isinstance(batch, (list, tuple)):
+        t = batch[0]
+    else:
+        t = batch
+    return int(t.numel())
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float
+    val_loss: float | None
+    seconds: float
+    tokens_per_s: float
+
+
+def _autocast(device: torch.device, cfg: TrainConfig):
+    dtype = autocast_dtype(device) if cfg.dtype == "auto" else None
+    return (torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()), dtype
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, get_batch: GetBatch, loss_fn: LossFn, split: str, iters: int,
+                  device: torch.device, cfg: TrainConfig, seed: int = 0) -> float:
+    """Mean loss per unit over `iters` batches of `split`, from a fixed generator so evals are comparable."""
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    total, units = 0.0, 0.0
+    ctx, _ = _autocast(device, cfg)
+    for _ in range(iters):
+        batch = to_device(get_batch(split, gen), device)
+        with ctx:
+            loss_sum, n = loss_fn(model, batch)
+        total += float(loss_sum)
+        units += float(n)
+    model.train(was_training)
+    return total / max(units, 1.0)
+
+
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
+    """Raise if a checkpoint's config differs from the one asked for, naming the fields."""
+    diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f"{what} was written for another configuration ({lines})")
+
+
+def train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    get_batch: GetBatch,
+    loss_fn: LossFn,
+    out_dir: str | Path,
+    resume: bool = False,
+    run_config: dict[str, Any] | None = None,
+    desc: str = "train",
+    has_val: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Run cfg.max_steps optimiser steps (continuing from out_dir/ckpt.pt when resume=True).
+
+    Writes out_dir/metrics.jsonl (one JSON line per log/eval), out_dir/ckpt.pt (model, optimizer, step,
+    RNG states, run_config; atomically) and out_dir/loss_curve.png. Returns the final losses and speed.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    model.to(device)
+    optimizer = configure_optimizer(model, cfg)
+    ctx, amp_dtype = _autocast(device, cfg)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    run_config = run_config or {}
+    metrics_path = out_dir / "metrics.jsonl"
+    step = 0
+    if resume:
+        step = load_training_state(out_dir / CKPT_NAME, model, optimizer, batch_gen, run_config)
+        _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    model.train()
+    t_start = time.perf_counter()
+    tokens_seen, train_loss, val_loss, tok_s = 0, float("nan"), None, 0.0
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not progress, mininterval=1.0,
+               dynamic_ncols=True)
+    t_log, tokens_log = time.perf_counter(), 0
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_total, units_total = 0.0, 0.0
+        for _ in range(cfg.grad_accum):
+            batch = to_device(get_batch("train", batch_gen), device)
+            with ctx:
+                loss_sum, n = loss_fn(model, batch)
+            (scaler.scale(loss_sum) if scaler else loss_sum).backward()
+            loss_total += float(loss_sum.detach())
+            units_total += float(n)
+            tokens_log += batch_tokens(batch)
+        if scaler:
+            scaler.unscale_(optimizer)
+        # The gradient of the sum, divided by the units of the whole effective batch.
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(max(units_total, 1.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_loss = loss_total / max(units_total, 1.0)
+        bar.update(1)
+        record: dict[str, Any] = {}
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - t_log
+            tok_s = tokens_log / max(elapsed, 1e-9)
+            tokens_seen += tokens_log
+            t_log, tokens_log = time.perf_counter(), 0
+            record.update(step=step, loss=train_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s)
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        if has_val and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
+            val_loss = estimate_loss(model, get_batch, loss_fn, "val", cfg.eval_iters, device, cfg)
+            record.update(step=step, val_loss=val_loss)
+            bar.write(f"{desc} step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        if record:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_steps:
+            save_training_state(out_dir / CKPT_NAME, model, optimizer, step, batch_gen, run_config)
+    bar.close()
+    seconds = time.perf_counter() - t_start
+    if metrics_path.exists():
+        from minillm.plots import plot_loss_curve
+
+        plot_loss_curve(metrics_path, out_dir / "loss_curve.png", title=desc)
+    return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss, seconds=seconds, tokens_per_s=tok_s)
+
+
+def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                        batch_gen: torch.Generator, run_config: dict[str, Any]) -> None:
+    """Everything needed to continue exactly: weights, optimizer moments, step, every RNG, the config."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "rng": rng_state(),
+        "batch_rng": batch_gen.get_state(),
+        "run_config": run_config,
+    }
+    atomic_torch_save(state, path)
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        batch_gen: torch.Generator, run_config: dict[str, Any]) -> int:
+    """Restore a checkpoint written by `save_training_state`; returns the step to continue from."""
+    state = safe_torch_load(path)
+    for key in ("model", "optimizer", "step", "rng", "batch_rng", "run_config"):
+        if key not in state:
+            raise ValueError(f"{path}: not a minillm training checkpoint (missing {key!r})")
+    saved_model_cfg = state["run_config"].get("model", {})
+    if run_config.get("model") is not None:
+        check_same_config(saved_model_cfg, run_config["model"], str(path))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    batch_gen.set_state(state["batch_rng"])
+    return int(state["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (a crash between log and save)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def run_config_dict(**parts: Any) -> dict[str, Any]:
+    """A JSON-able run config from dataclasses and plain values."""
+    return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in parts.items()}

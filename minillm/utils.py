@@ -1,0 +1,127 @@
+"""Small shared helpers: atomic file writes, device choice, seeding, checkpoint I/O."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through a temporary file and a rename, so a crash never leaves a torn checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load with weights_only=True and an error that names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' picks cuda > mps > cpu; anything else is passed to torch.device."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that support it, else fp16 on CUDA; None (fp32) on CPU and MPS."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training run draws from, as tensors and plain values (loadable with weights_only)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": _python_rng_to_list(random.getstate()),
+        "numpy": _numpy_rng_to_tensor(np.random.get_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_list_to_python_rng(state["python"]))
+    np.random.set_state(_tensor_to_numpy_rng(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_rng_to_list(s: tuple) -> list:
+    version, internal, gauss = s
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def _list_to_python_rng(s: list) -> tuple:
+    version, internal, gauss = s
+    return (version, tuple(int(x) for x in internal.tolist()), gauss)
+
+
+def _numpy_rng_to_tensor(s: tuple) -> list:
+    name, keys, pos, has_gauss, cached = s
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _tensor_to_numpy_rng(s: list) -> tuple:
+    name, keys, pos, has_gauss, cached = s
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
