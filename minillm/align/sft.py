@@ -1,0 +1,114 @@
+"""Supervised fine-tuning (SFT) loss: next-token cross-entropy on the response tokens only.
+
+For a chat or instruction example x = (prompt, response) the model is trained to predict each response
+token from everything before it (Ouyang et al., 2022, "Training language models to follow instructions
+with human feedback"; Radford et al., 2018 for the language-modelling objective):
+
+    L = - sum_{t in R} log p_theta(x_t | x_<t)        R = positions of response tokens
+    log p_theta(x_t | x_<t) = z_{t-1}[x_t] - logsumexp_v z_{t-1}[v]
+
+where z_{t-1} are the logits the model outputs at position t-1. Prompt and padding tokens are context
+but are never predicted: their targets are set to `ignore_index` (-100, the PyTorch / Hugging Face
+convention) and contribute nothing to the loss or its gradient.
+
+The loss is returned as a *sum* with the number of predicted tokens, because the training loop
+(`minillm.train`) divides the gradient by the token count of the whole effective batch: then one batch
+of 8 and four micro-batches of 2 give the same update.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "shift_for_next_token", "masked_cross_entropy", "masked_cross_entropy_mean"]
+
+
+def shift_for_next_token(ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a token sequence into model inputs and next-token targets.
+
+        inputs[b, t]  = ids[b, t]                                   t = 0 .. T-2
+        targets[b, t] = ids[b, t+1]  if loss_mask[b, t+1] == 1 else -100
+
+    `loss_mask` (aligned with `ids`) marks the tokens to be *predicted* (the response), so the mask is
+    shifted together with the targets: position t of the model predicts token t+1, and it is scored
+    only if token t+1 is a response token. loss_mask[:, 0] is never used (no prefix predicts token 0).
+
+    ids: (B, T) integer token ids; loss_mask: (B, T) of 0/1 (or bool). Returns two (B, T-1) tensors.
+    """
+    _check_ids_and_mask(ids, loss_mask)
+    inputs = ids[:, :-1]  # (B, T-1)
+    targets = ids[:, 1:].masked_fill(loss_mask[:, 1:] == 0, IGNORE_INDEX)  # (B, T-1)
+    return inputs, targets
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood over the targets that are not `ignore_index`.
+
+        loss_sum = sum_{i : y_i != ignore} ( logsumexp_v z_i[v] - z_i[y_i] ),   n_tokens = |{i : y_i != ignore}|
+
+    logits: (..., V) floating; targets: (...) integer, `targets[b, t]` is the token position t must
+    predict (use `shift_for_next_token`). Returns (loss_sum, n_tokens) as 0-dim tensors on the logits'
+    device; loss_sum / n_tokens equals F.cross_entropy(logits, targets, ignore_index=ignore_index).
+    When every target is ignored the loss is 0 with a zero gradient (F.cross_entropy gives NaN).
+    fp16/bf16 logits are upcast to fp32 first, as F.cross_entropy does under autocast.
+    """
+    _check_logits_and_targets(logits, targets, ignore_index)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)  # (N, V) with N = B * T
+    y = targets.reshape(-1)  # (N,)
+    keep = y != ignore_index  # (N,)
+    # gather needs a valid index everywhere; ignored rows read class 0 and are then zeroed by `where`
+    y_safe = y.masked_fill(~keep, 0)
+    log_z = torch.logsumexp(z, dim=-1)  # (N,) stable for large logits: max is subtracted inside
+    z_y = z.gather(-1, y_safe[:, None]).squeeze(-1)  # (N,)
+    nll = torch.where(keep, log_z - z_y, torch.zeros_like(log_z))  # `where`: ignored rows get gradient 0
+    return nll.sum(), keep.sum()
+
+
+def masked_cross_entropy_mean(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Mean next-token NLL over non-ignored targets: loss_sum / max(n_tokens, 1) (0 if all are ignored)."""
+    loss_sum, n_tokens = masked_cross_entropy(logits, targets, ignore_index)
+    return loss_sum / n_tokens.clamp(min=1)
+
+
+def _check_ids_and_mask(ids: torch.Tensor, loss_mask: torch.Tensor) -> None:
+    if not isinstance(ids, torch.Tensor) or not isinstance(loss_mask, torch.Tensor):
+        raise TypeError("shift_for_next_token: ids and loss_mask must be torch.Tensor")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"shift_for_next_token: ids must be an integer tensor, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"shift_for_next_token: ids must be (B, T), got shape {tuple(ids.shape)}")
+    if loss_mask.shape != ids.shape:
+        raise ValueError(
+            f"shift_for_next_token: loss_mask shape {tuple(loss_mask.shape)} != ids shape {tuple(ids.shape)}"
+        )
+    if ids.shape[1] < 2:
+        raise ValueError(f"shift_for_next_token: need at least 2 tokens per row to predict one, got T={ids.shape[1]}")
+
+
+def _check_logits_and_targets(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
+    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("masked_cross_entropy: logits and targets must be torch.Tensor")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"masked_cross_entropy: logits must be floating point, got {logits.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"masked_cross_entropy: targets must be an integer tensor, got {targets.dtype}")
+    if logits.dim() < 1 or logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"masked_cross_entropy: logits (..., V) must match targets (...): "
+            f"got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}"
+        )
+    V = logits.shape[-1]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        value = int(targets[bad][0])
+        raise ValueError(
+            f"masked_cross_entropy: targets must be in [0, {V}) or ignore_index={ignore_index}, found {value}"
+        )
