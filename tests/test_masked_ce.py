@@ -79,6 +79,14 @@ def test_ignored_positions_get_no_gradient():
     assert torch.all(logits.grad[~ignored].abs().sum(-1) > 0)
 
 
+def test_ignored_rows_cannot_poison_the_value():
+    # an ignored position whose logits are all -inf (e.g. a fully masked vocabulary) has NaN NLL;
+    # it must be dropped, not multiplied by 0 (0 * NaN = NaN)
+    logits = torch.tensor([[0.0, math.log(2.0), 0.0], [-math.inf, -math.inf, -math.inf]])
+    loss_sum, n = masked_cross_entropy(logits, torch.tensor([1, IGNORE_INDEX]))
+    assert int(n) == 1 and loss_sum.item() == pytest.approx(math.log(2.0))
+
+
 def test_large_logits_are_stable():
     # exact: -log softmax = logsumexp - z_y; with 1e4 gaps exp() of the others underflows to 0
     logits = torch.tensor([[1e4, 0.0, -1e4], [1e4, 0.0, -1e4]], requires_grad=True)

@@ -1,0 +1,147 @@
+"""Reward modelling with the Bradley-Terry preference model (Bradley & Terry, 1952; Ouyang et al., 2022).
+
+A reward model r_phi(x, y) scores a response with one number. The probability that y_w is preferred
+to y_l is modelled as sigma(r_w - r_l), so maximum likelihood on human comparisons gives
+
+    L_BT = -mean_pairs log sigma(r_phi(x, y_w) - r_phi(x, y_l) [- m])            m: optional margin (Llama 2)
+         [+ c * mean_pairs (r_w + r_l)^2]                                          reward centering (Eisenstein et al., 2023)
+
+as in TRL's `RewardTrainer` (`center_rewards_coefficient` c, recommended 0.01). Only reward differences
+are identified, so centering just pins the rewards' offset near 0.
+
+The network is the GPT backbone with a scalar head `score` on the final hidden state of the LAST REAL
+(non-padding) token of each sequence, the pooling of Hugging Face's GPT2ForSequenceClassification.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minillm.sampling import positions_from_mask
+
+__all__ = [
+    "bradley_terry_loss", "bradley_terry_loss_sum", "reward_metrics", "last_token_index", "RewardModel",
+]
+
+
+def bradley_terry_loss_sum(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coef: float | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Summed Bradley-Terry loss over pairs and the number of pairs, for the training loop.
+
+        loss_sum = sum_i [ -log sigma(r_c,i - r_r,i [- m_i]) [+ c * (r_c,i + r_r,i)^2] ],   n = number of pairs
+
+    r_chosen, r_rejected (and margin, if given): (B,). loss_sum / n equals `bradley_terry_loss`.
+    """
+    _check_rewards(r_chosen, r_rejected, margin)
+    if center_coef is not None and (not isinstance(center_coef, (int, float)) or center_coef < 0):
+        raise ValueError(f"center_coef must be None or a number >= 0, got {center_coef!r}")
+    diff = r_chosen - r_rejected  # (B,)
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)  # (B,)
+    if center_coef is not None:
+        losses = losses + center_coef * (r_chosen + r_rejected) ** 2
+    return losses.sum(), r_chosen.shape[0]
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coef: float | None = None,
+) -> torch.Tensor:
+    """Mean Bradley-Terry loss: -mean log sigma(r_c - r_r [- margin]) [+ c * mean((r_c + r_r)^2)]; a scalar."""
+    loss_sum, n = bradley_terry_loss_sum(r_chosen, r_rejected, margin, center_coef)
+    return loss_sum / n
+
+
+def reward_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
+    """Batch statistics of a reward model.
+
+        accuracy = mean [r_c > r_r] (strict: a tie counts as wrong)     margin = mean (r_c - r_r)
+        mean, std, min, max over all 2B rewards (std is the population std, divisor 2B)
+    """
+    _check_rewards(r_chosen, r_rejected, None)
+    r_c, r_r = r_chosen.detach().float(), r_rejected.detach().float()
+    both = torch.cat([r_c, r_r])  # (2B,)
+    return {
+        "accuracy": (r_c > r_r).float().mean().item(),
+        "margin": (r_c - r_r).mean().item(),
+        "mean": both.mean().item(),
+        "std": both.std(correction=0).item(),
+        "min": both.min().item(),
+        "max": both.max().item(),
+    }
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of attention_mask (B, T) -> (B,); right or left padding.
+
+        last[b] = max { t : mask[b, t] = 1 }, computed as argmax_t (t * mask[b, t])
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (B, T), got shape {tuple(attention_mask.shape)}")
+    real = attention_mask != 0  # (B, T)
+    if not bool(real.any(dim=-1).all()):
+        rows = torch.nonzero(~real.any(dim=-1)).flatten().tolist()
+        raise ValueError(f"attention_mask has no real token in row(s) {rows}")
+    t = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
+    return (t * real).argmax(dim=-1)  # positions of real tokens are distinct, so the max is the last one
+
+
+class RewardModel(nn.Module):
+    """r(x, y) = score(h_last): a GPT backbone with a scalar linear head on the last real token.
+
+    `score` has no bias, like Hugging Face's GPT2ForSequenceClassification (a bias would cancel in
+    r_w - r_l anyway), and is initialised N(0, 0.02) as GPT-2's other weights.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        n_embd = getattr(getattr(backbone, "config", None), "n_embd", None)
+        if not isinstance(n_embd, int):
+            raise TypeError("RewardModel: backbone must be a minillm GPT (with config.n_embd)")
+        self.backbone = backbone
+        self.score = nn.Linear(n_embd, 1, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (B,) for input_ids (B, T); attention_mask (B, T) is 1 on real tokens (either padding side)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"RewardModel: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            h, _ = self.backbone.hidden_states(input_ids)  # (B, T, C)
+            h_last = h[:, -1]  # (B, C)
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"RewardModel: attention_mask shape {tuple(attention_mask.shape)} "
+                    f"!= input_ids shape {tuple(input_ids.shape)}"
+                )
+            last = last_token_index(attention_mask)  # (B,)
+            # positions restart at 0 on each row's first real token, so left padding changes nothing
+            h, _ = self.backbone.hidden_states(
+                input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)
+            )  # (B, T, C)
+            h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
+        return self.score(h_last).squeeze(-1)  # (B,)
+
+
+def _check_rewards(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None) -> None:
+    named = {"r_chosen": r_chosen, "r_rejected": r_rejected}
+    if margin is not None:
+        named["margin"] = margin
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point torch.Tensor")
+        if t.dim() != 1 or t.shape != r_chosen.shape:
+            raise ValueError(
+                f"{name} must be 1-D with the shape of r_chosen {tuple(r_chosen.shape)}, got {tuple(t.shape)}"
+            )
+    if r_chosen.shape[0] == 0:
+        raise ValueError("r_chosen is empty: need at least one pair")
