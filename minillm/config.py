@@ -57,7 +57,7 @@ class Preset:
 
     model: GPTConfig
     pretrain: TrainConfig
-    vocab_size: int = 2048
+    vocab_size: int = 1024
     stage_steps: dict[str, int] = field(default_factory=dict)
 
 
@@ -81,7 +81,6 @@ PRESETS: dict[str, Preset] = {
         model=GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0),
         pretrain=TrainConfig(max_steps=5000, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,
                              warmup_steps=200, eval_interval=500, eval_iters=20, log_interval=50),
-        vocab_size=8192,
         stage_steps={"sft": 1000},
     ),
 }

@@ -18,7 +18,7 @@ import torch
 from minillm.utils import safe_torch_load
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-MASK_BUFFER_SUFFIXES = ("attn.bias", "attn.masked_bias")
+MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # the dot keeps c_attn.bias
 
 
 def config_from_hf(hf: dict[str, Any]):

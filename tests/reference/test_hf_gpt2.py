@@ -1,0 +1,56 @@
+"""GPT.from_hf_gpt2 reproduces a Hugging Face GPT-2's logits (random small config: no download)."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from minillm.model import GPT, GPTConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=48, n_layer=3, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _check_logits(ours: GPT, hf) -> None:
+    x = torch.randint(0, 101, (2, 17))
+    with torch.no_grad():
+        want = hf(x).logits
+        got = ours(x)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_state_dict_with_prefix_and_config_dict(hf_model):
+    sd = hf_model.state_dict()  # "transformer." prefix, lm_head.weight present
+    ours = GPT.from_hf_gpt2(sd, hf_model.config.to_dict()).eval()
+    _check_logits(ours, hf_model)
+
+
+def test_state_dict_without_prefix_with_mask_buffers_and_gptconfig(hf_model):
+    sd = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.tril(torch.ones(40, 40)).view(1, 1, 40, 40)  # old checkpoints' mask buffers
+    sd["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    cfg = GPTConfig(vocab_size=101, block_size=40, n_layer=3, n_head=4, n_embd=48)
+    _check_logits(GPT.from_hf_gpt2(sd, cfg).eval(), hf_model)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_directory(hf_model, tmp_path, fmt):
+    hf_model.save_pretrained(tmp_path, safe_serialization=(fmt == "safetensors"))
+    assert json.loads((tmp_path / "config.json").read_text())["n_head"] == 4
+    _check_logits(GPT.from_hf_gpt2(tmp_path).eval(), hf_model)
+
+
+def test_kv_cache_matches_hf_incremental(hf_model):
+    ours = GPT.from_hf_gpt2(hf_model.state_dict(), hf_model.config.to_dict()).eval()
+    x = torch.randint(0, 101, (1, 12))
+    with torch.no_grad():
+        logits, past = ours(x[:, :8], use_cache=True)
+        step, _ = ours(x[:, 8:9], past_key_values=past, use_cache=True)
+        want = hf_model(x[:, :9]).logits[:, -1]
+    assert torch.allclose(step[:, -1], want, atol=1e-5)

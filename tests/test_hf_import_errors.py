@@ -1,0 +1,43 @@
+"""from_hf_gpt2 without transformers: Conv1D transposition by hand and clear errors."""
+import pytest
+import torch
+
+from minillm.model import GPT, GPTConfig
+
+CFG = GPTConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=8)
+
+
+def _hf_style_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights written the way Hugging Face stores them (Conv1D = transposed Linear, prefixed)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()
+        out["transformer." + k] = v.clone()
+    return out
+
+
+def test_round_trip_through_hf_layout():
+    torch.manual_seed(0)
+    m = GPT(CFG).eval()
+    loaded = GPT.from_hf_gpt2(_hf_style_state_dict(m), CFG).eval()
+    x = torch.randint(0, 30, (1, 8))
+    assert torch.allclose(m(x), loaded(x))
+
+
+def test_state_dict_needs_config():
+    with pytest.raises(ValueError, match="config"):
+        GPT.from_hf_gpt2(_hf_style_state_dict(GPT(CFG)))
+
+
+def test_wrong_shapes_named():
+    sd = _hf_style_state_dict(GPT(CFG))
+    with pytest.raises(ValueError, match="wte.weight"):
+        GPT.from_hf_gpt2(sd, GPTConfig(vocab_size=31, block_size=8, n_layer=1, n_head=2, n_embd=8))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        GPT.from_hf_gpt2(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_hf_gpt2(tmp_path)
