@@ -143,14 +143,16 @@ def score_continuations(
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             T = len(inputs[chunk[0]])
-            x = torch.zeros(len(chunk), T, dtype=torch.long, device=device)  # (B, T), right-padded
-            y = torch.zeros(len(chunk), T, dtype=torch.long, device=device)  # targets at scored positions
-            scored = torch.zeros(len(chunk), T, dtype=torch.bool, device=device)
+            # Built on the CPU, then moved in one copy each.
+            x = torch.zeros(len(chunk), T, dtype=torch.long)  # (B, T), right-padded
+            y = torch.zeros(len(chunk), T, dtype=torch.long)  # targets at the scored positions
+            scored = torch.zeros(len(chunk), T, dtype=torch.bool)
             for row, i in enumerate(chunk):
                 n_in, m = len(inputs[i]), len(conts[i])
-                x[row, :n_in] = torch.tensor(inputs[i], device=device)
-                y[row, n_in - m:n_in] = torch.tensor(conts[i], device=device)
+                x[row, :n_in] = torch.tensor(inputs[i])
+                y[row, n_in - m:n_in] = torch.tensor(conts[i])
                 scored[row, n_in - m:n_in] = True
+            x, y, scored = x.to(device), y.to(device), scored.to(device)
             logp, greedy = token_logprobs(model(x), y)  # (B, T), (B, T)
             sums = torch.where(scored, logp, torch.zeros_like(logp)).sum(dim=1)  # (B,)
             all_greedy = (greedy | ~scored).all(dim=1)  # (B,)
