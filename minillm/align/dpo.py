@@ -60,7 +60,9 @@ def dpo_loss(
     _check_hyperparameters(beta, loss_type, label_smoothing)
     if ref_chosen_logps is None or ref_rejected_logps is None:
         if not reference_free:
-            raise ValueError("dpo_loss: ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
+            raise ValueError(
+                "dpo_loss: ref_chosen_logps and ref_rejected_logps are required unless reference_free=True"
+            )
         ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
         ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
     _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,

@@ -3,8 +3,8 @@
 A reward model r_phi(x, y) scores a response with one number. The probability that y_w is preferred
 to y_l is modelled as sigma(r_w - r_l), so maximum likelihood on human comparisons gives
 
-    L_BT = -mean_pairs log sigma(r_phi(x, y_w) - r_phi(x, y_l) [- m])            m: optional margin (Llama 2)
-         [+ c * mean_pairs (r_w + r_l)^2]                                          reward centering (Eisenstein et al., 2023)
+    L_BT = -mean_pairs log sigma(r_phi(x, y_w) - r_phi(x, y_l) [- m])      m: optional margin (Llama 2)
+         [+ c * mean_pairs (r_w + r_l)^2]                         reward centering (Eisenstein et al., 2023)
 
 as in TRL's `RewardTrainer` (`center_rewards_coefficient` c, recommended 0.01). Only reward differences
 are identified, so centering just pins the rewards' offset near 0.

@@ -135,7 +135,8 @@ def test_sequence_logprobs_match_trl_concatenated_forward(tiny_model, loss_type)
     with torch.no_grad():
         out = DPOTrainer.concatenated_forward(me, HFLike(tiny_model), batch)
         # ours: prompt ++ response, right-padded, loss_mask on the response tokens
-        seqs = [torch.cat([p, c]) for p, c in zip(prompts, chosen)] + [torch.cat([p, r]) for p, r in zip(prompts, rejected)]
+        seqs = [torch.cat([p, c]) for p, c in zip(prompts, chosen)]
+        seqs += [torch.cat([p, r]) for p, r in zip(prompts, rejected)]
         ids, attn = pad(seqs, left=False)
         loss_mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts + prompts):
