@@ -97,8 +97,11 @@ def test_trainable_sets_by_method():
     assert "h.0.ln_1.bias" in bitfit and "h.1.mlp.c_fc.bias" in bitfit and all(n.endswith("bias") for n in bitfit)
     last = names(apply_peft(tiny_gpt(), "last_k", k=1))
     assert all(n.startswith(("h.1.", "ln_f.")) for n in last) and "h.1.attn.c_attn.weight" in last
-    assert not any(n.startswith(("h.1.", "ln_f.")) for n in names(apply_peft(tiny_gpt(), "last_k", k=1,
-                                                                               train_ln_f=False)) - {n for n in last if n.startswith("h.1.")})
+    assert any(n.startswith("ln_f.") for n in last)
+    without_ln_f = names(apply_peft(tiny_gpt(), "last_k", k=1, train_ln_f=False))
+    assert without_ln_f == {n for n in last if n.startswith("h.1.")}
+    assert names(apply_peft(tiny_gpt(), "last_k", k=2)) == {n for n, _ in tiny_gpt().named_parameters()} - {
+        "wte.weight", "wpe.weight"}
 
 
 def test_parameter_counts_against_formulas():
@@ -312,3 +315,22 @@ def test_loading_adapter_for_another_shape_names_key_and_shapes(tmp_path):
         load_adapter(wider.__class__(wider.config), path)
     with pytest.raises(FileNotFoundError):
         load_adapter(tiny_gpt(), tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_adapters_follow_the_model_dtype(method):
+    model = apply_peft(tiny_gpt().double(), method, **METHODS[method])
+    assert all(p.dtype == torch.float64 for p in adapter_parameters(model).values())
+    assert all(b.dtype == torch.float64 for b in model.buffers())
+    assert model(ids()).dtype == torch.float64
+
+
+def test_folded_prefix_saves_and_loads_as_a_plain_table(tmp_path):
+    wrapped = apply_peft(tiny_gpt(), "prefix", num_virtual_tokens=3, prefix_projection=True)
+    perturb_adapters(wrapped)
+    wrapped.fold_reparameterization()
+    x = ids()
+    save_adapter(wrapped, tmp_path / "prefix.pt")
+    fresh = load_adapter(tiny_gpt(), tmp_path / "prefix.pt")
+    assert not fresh.prefix_projection and set(adapter_state_dict(fresh)) == {"prefix"}
+    torch.testing.assert_close(fresh(x), wrapped(x))

@@ -186,9 +186,8 @@ def test_vera_projections_seeded_kaiming_gain_sqrt2():
     assert bound_B * 0.9 < p1.vera_B.abs().max() <= bound_B
     # A is drawn first, then B, from one generator: B is the second draw, not a fresh stream.
     g = torch.Generator().manual_seed(3)
-    g_after_A = torch.empty(16, 96).uniform_(generator=g)
+    torch.empty(16, 96).uniform_(generator=g)  # advance past A's draws
     fresh = torch.Generator().manual_seed(3)
-    assert g_after_A.shape == (16, 96)
     assert not torch.equal(p1.vera_B, torch.empty(48, 16).uniform_(-bound_B, bound_B, generator=fresh))
     assert torch.equal(p1.vera_B, torch.empty(48, 16).uniform_(-bound_B, bound_B, generator=g))
     assert "vera_A" not in p1.state_dict()  # the seed stands for them
@@ -284,7 +283,8 @@ def test_krona_gradcheck_and_merge():
 
     assert torch.autograd.gradcheck(f, (layer.krona_A, layer.krona_B))
     layer(x).sum().backward()
-    torch.testing.assert_close(layer.krona_B.grad, torch.autograd.grad(f(layer.krona_A, layer.krona_B).sum(), layer.krona_B)[0])
+    expected = torch.autograd.grad(f(layer.krona_A, layer.krona_B).sum(), layer.krona_B)[0]
+    torch.testing.assert_close(layer.krona_B.grad, expected)
     W0, y = layer.base.weight.detach().clone(), layer(x).detach()
     layer.merge()
     layer.merge()

@@ -70,6 +70,7 @@ class BottleneckAdapter(nn.Module):
                 nn.init.normal_(self.adapter_up.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """s * (W_up f(W_down x + b_down) + b_up), (..., d) -> (..., d)."""
         f = NON_LINEARITIES[self.non_linearity]
         return self.scaling * self.adapter_up(f(self.adapter_down(x)))
 

@@ -64,7 +64,9 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules) -> list
         unmatched = [] if found else [target_modules]
     else:
         if not target_modules or not all(isinstance(k, str) and k for k in target_modules):
-            raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
+            raise ValueError(
+                f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}"
+            )
         found = [n for n in names if any(n == k or n.endswith("." + k) for k in target_modules)]
         unmatched = [k for k in target_modules if not any(n == k or n.endswith("." + k) for n in names)]
     if unmatched:
@@ -108,10 +110,14 @@ def _linear_targets(model: nn.Module, target_modules: TargetModules, method: str
     return targets
 
 
+def _has_peft(model: nn.Module) -> bool:
+    return isinstance(model, WRAPPERS) or any(isinstance(m, MERGEABLE_LAYERS + ADAPTER_LAYERS) for m in model.modules())
+
+
 def _check_plain(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_peft: model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, WRAPPERS) or any(isinstance(m, MERGEABLE_LAYERS + ADAPTER_LAYERS) for m in model.modules()):
+    if _has_peft(model):
         raise ValueError("apply_peft: the model already has a PEFT method applied; start from a plain GPT")
 
 
@@ -340,7 +346,7 @@ def apply_peft(model: nn.Module, method: str, target_modules: TargetModules = No
 
 
 def _plain(value: Any) -> Any:
-    """Keep what torch.load(weights_only=True) can read back: numbers, strings, lists, dicts (a Generator is dropped)."""
+    """What torch.load(weights_only=True) reads back: numbers, strings, lists, dicts (a Generator is dropped)."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items() if _is_plain(v)}
     if isinstance(value, (list, tuple)):
@@ -545,8 +551,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not isinstance(blob, dict) or "adapter" not in blob or not isinstance(blob.get("peft_config"), dict):
         raise ValueError(f"{path}: not an adapter file written by save_adapter")
     config = dict(blob["peft_config"])
-    has_peft = isinstance(model, WRAPPERS) or any(isinstance(m, MERGEABLE_LAYERS + ADAPTER_LAYERS) for m in model.modules())
-    if not has_peft and "peft_config" not in vars(model):
+    if not _has_peft(model) and "peft_config" not in vars(model):
         model = apply_peft(model, config.pop("method"), **config)
     elif _method_of(model) != config["method"]:
         raise ValueError(f"{path}: adapter is for method {config['method']!r}, the model has {_method_of(model)!r}")

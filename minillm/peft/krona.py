@@ -111,6 +111,7 @@ class KronALinear(nn.Module):
         return torch.kron(self.krona_A, self.krona_B) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x) + s (A kron B) x by the reshape identity; base(x) alone when disabled or merged."""
         result = self.base(x)
         if self.disabled:
             check_not_merged_when_disabled(self)

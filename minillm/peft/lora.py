@@ -82,6 +82,7 @@ class LoRAAdapter(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B A dropout(x), (..., in) -> (..., out)."""
         # Two thin matmuls, never the (out, in) product: O(r (in + out)) per token.
         return (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
@@ -166,6 +167,7 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward, merge
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x) + s B A dropout(x) with the active adapter; base(x) alone when disabled or merged."""
         result = self.base(x)
         if self.disabled:
             check_not_merged_when_disabled(self)

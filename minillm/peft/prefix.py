@@ -142,6 +142,9 @@ class PrefixTunedGPT(nn.Module):
         del self.prefix_mlp, self.prefix_embedding
         self.prefix_projection = False
         self.prefix = nn.Parameter(table)
+        config = getattr(self, "peft_config", None)  # set by apply_peft; a saved adapter now holds the table
+        if isinstance(config, dict):
+            config["prefix_projection"] = False
 
     def forward(
         self,

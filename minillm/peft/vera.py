@@ -111,6 +111,7 @@ class VeRALinear(nn.Module):
         return (self.lambda_b[:, None] * self.vera_B) @ (self.lambda_d[:, None] * self.vera_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x) + lambda_b * (B_l (lambda_d * (A_l dropout(x)))); base(x) alone when disabled or merged."""
         result = self.base(x)
         if self.disabled:
             check_not_merged_when_disabled(self)
