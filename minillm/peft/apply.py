@@ -325,7 +325,7 @@ PEFT_METHODS: dict[str, Callable[..., nn.Module]] = {
 
 def apply_peft(model: nn.Module, method: str, target_modules: TargetModules = None, **hyperparams: Any) -> nn.Module:
     """Apply `method` to `model` and freeze everything else. Returns the model (changed in place), or
-    for "prefix"/"prompt" a wrapper around it. The resolved call is kept as `.peft_config` on the result,
+    for "prefix"/"prompt" a wrapper around it. The call (method and explicit arguments) is kept as `.peft_config`,
     so `save_adapter` can record it and `load_adapter` can rebuild the same adapter on a fresh GPT.
     """
     if method not in PEFT_METHODS:
