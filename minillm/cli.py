@@ -102,6 +102,61 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{p}{tok.decode(ids)}")
 
 
+def peft_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The PEFT method and its hyperparameters from --peft, the named flags and --peft-arg KEY=VALUE."""
+    if not args.peft:
+        return None
+    spec: dict[str, Any] = {"method": args.peft}
+    if args.target_modules:
+        spec["target_modules"] = args.target_modules.split(",")
+    named = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+             "num_virtual_tokens": "num_virtual_tokens"}
+    for flag, key in named.items():
+        value = getattr(args, flag)
+        if value is not None:
+            spec[key] = value
+    if args.use_rslora:
+        spec["use_rslora"] = True
+    for item in args.peft_arg or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--peft-arg expects KEY=VALUE, got {item!r}")
+        try:
+            spec[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            spec[key] = raw
+    return spec
+
+
+def stage_train_config(args: argparse.Namespace, stage: str) -> TrainConfig:
+    """The preset's config for a fine-tuning stage with the user's --flag overrides."""
+    return override(getattr(get_preset(args.preset), stage), collect_overrides(args, TrainConfig))
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from minillm.finetune import run_sft
+
+    cfg = stage_train_config(args, "sft")
+    _, result, stats = run_sft(args.init, args.data, args.out, cfg, peft=peft_spec(args), packing=args.pack,
+                               loss_on=args.loss_on, limit=args.limit, resume=args.resume)
+    print(json.dumps({**dataclasses.asdict(result), **stats}, indent=2))
+
+
+def add_peft_flags(p: argparse.ArgumentParser) -> None:
+    from minillm.peft.apply import PEFT_METHODS
+
+    g = p.add_argument_group("parameter-efficient fine-tuning")
+    g.add_argument("--peft", choices=sorted(PEFT_METHODS), default=None, help="train through this PEFT method")
+    g.add_argument("--target-modules", default=None, help="comma-separated module names (default: the method's)")
+    g.add_argument("--lora-r", type=int, default=None, help="rank r (LoRA, VeRA)")
+    g.add_argument("--lora-alpha", type=float, default=None)
+    g.add_argument("--lora-dropout", type=float, default=None)
+    g.add_argument("--use-rslora", action="store_true", help="scaling alpha / sqrt(r)")
+    g.add_argument("--num-virtual-tokens", type=int, default=None, help="P for prefix and prompt tuning")
+    g.add_argument("--peft-arg", action="append", metavar="KEY=VALUE",
+                   help="any other hyperparameter of the method (value parsed as JSON), e.g. k=2, scale=0.5")
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from minillm.pipeline import run_pipeline
 
@@ -131,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/base")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chats (loss on the assistant tokens)")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named configuration (default: cpu)")
+    add_dataclass_flags(p, TrainConfig)
+    add_peft_flags(p)
+    p.add_argument("--init", default="runs/base", help="run directory to start from")
+    p.add_argument("--data", default=f"{DEFAULT_DATA}/sft_train.jsonl", help="JSONL/JSON: messages or Alpaca records")
+    p.add_argument("--out", default="runs/sft")
+    p.add_argument("--pack", action="store_true", help="pack several short chats into one row")
+    p.add_argument("--loss-on", choices=["response", "all"], default="response",
+                   help="which tokens carry the loss (all = the masking ablation)")
+    p.add_argument("--limit", type=int, default=None, help="use only N conversations (data-size experiments)")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("generate", help="sample from a trained run")
     p.add_argument("--ckpt", default="runs/base", help="run directory")

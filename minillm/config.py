@@ -7,7 +7,7 @@ The vocabulary size is not a preset field: it always comes from the tokenizer.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from minillm.model import GPTConfig
@@ -57,8 +57,8 @@ class Preset:
 
     model: GPTConfig
     pretrain: TrainConfig
+    sft: TrainConfig
     vocab_size: int = 1024
-    stage_steps: dict[str, int] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
@@ -67,21 +67,24 @@ PRESETS: dict[str, Preset] = {
         model=GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0),
         pretrain=TrainConfig(max_steps=60, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
                              eval_interval=30, eval_iters=2, log_interval=10),
-        stage_steps={"sft": 40},
+        sft=TrainConfig(max_steps=40, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=5, weight_decay=0.0,
+                        eval_interval=20, eval_iters=2, log_interval=10),
     ),
     # The default: the whole pipeline in minutes on a 2-core laptop CPU.
     "cpu": Preset(
         model=GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.0),
         pretrain=TrainConfig(max_steps=1500, batch_size=24, lr=2e-3, min_lr=2e-4, warmup_steps=100,
                              eval_interval=250, eval_iters=10, log_interval=25),
-        stage_steps={"sft": 300},
+        sft=TrainConfig(max_steps=300, batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=30, weight_decay=0.0,
+                        eval_interval=100, eval_iters=4, log_interval=20),
     ),
     # GPT-2 small (124M) on one consumer GPU.
     "gpu": Preset(
         model=GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0),
         pretrain=TrainConfig(max_steps=5000, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,
                              warmup_steps=200, eval_interval=500, eval_iters=20, log_interval=50),
-        stage_steps={"sft": 1000},
+        sft=TrainConfig(max_steps=1000, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=50, weight_decay=0.0,
+                        eval_interval=200, eval_iters=10, log_interval=50),
     ),
 }
 

@@ -71,9 +71,20 @@ def save_run_files(out_dir: Path, tokenizer: Tokenizer, run_config: dict[str, An
     tokenizer.save(out_dir / TOKENIZER_DIR)
 
 
+def apply_peft_spec(model: GPT, peft: dict[str, Any] | None) -> torch.nn.Module:
+    """Apply {"method": name, **hyperparams} (or nothing) to a GPT; returns the model to train or load."""
+    if not peft:
+        return model
+    from minillm.peft.apply import apply_peft
+
+    return apply_peft(model, peft["method"], **{k: v for k, v in peft.items() if k != "method"})
+
+
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
              expect: GPTConfig | None = None) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """(model, tokenizer, run_config) of a finished run directory (config.json, ckpt.pt, tokenizer/)."""
+    """(model, tokenizer, run_config) of a finished run directory (config.json, ckpt.pt, tokenizer/).
+
+    A PEFT run comes back wrapped the way it was trained (its config names the method)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: run directory not found")
@@ -86,7 +97,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     tokenizer = Tokenizer.load(run_dir / TOKENIZER_DIR)
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise ValueError(f"{run_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model {model_cfg.vocab_size}")
-    model = GPT(model_cfg)
+    model = apply_peft_spec(GPT(model_cfg), state["run_config"].get("peft"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -45,3 +45,84 @@ def fact_completion_accuracy(model: GPT, tokenizer, probes: list[dict[str, Any]]
         "per_attribute": {k: sum(v) / len(v) for k, v in sorted(by_attr.items())},
         "rows": rows,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Instruction following: greedy answers to held-out questions, chat template vs few-shot prompt
+# ------------------------------------------------------------------------------------------------
+FEWSHOT_TEMPLATE = "Question: {q}\nAnswer: {a}\n\n"
+
+
+def fewshot_prompt(question: str, shots: list[dict[str, Any]]) -> str:
+    """A plain-text few-shot prompt for a *base* model, which never saw the chat tokens:
+
+        Question: q_1\\nAnswer: a_1\\n\\n ... Question: q\\nAnswer:
+    """
+    head = "".join(FEWSHOT_TEMPLATE.format(q=_user(s), a=_assistant(s)) for s in shots)
+    return head + f"Question: {question}\nAnswer:"
+
+
+def _user(record: dict[str, Any]) -> str:
+    return next(m["content"] for m in record["messages"] if m["role"] == "user")
+
+
+def _assistant(record: dict[str, Any]) -> str:
+    return next(m["content"] for m in record["messages"] if m["role"] == "assistant")
+
+
+def answer_questions(model, tokenizer, questions: list[str], mode: str = "chat",
+                     shots: list[dict[str, Any]] | None = None, max_new_tokens: int = 32,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy answers. mode="chat": the chat template with a generation prompt, stop at <|end|>.
+    mode="fewshot": `fewshot_prompt` with `shots`, the answer is the text up to the first newline."""
+    if mode == "chat":
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)[0]
+                   for q in questions]
+        outs = generate_completions(model, prompts, max_new_tokens, eos_id=tokenizer.end_id, temperature=0,
+                                    batch_size=batch_size)
+        return [tokenizer.decode(o).strip() for o in outs]
+    if mode == "fewshot":
+        prompts = [tokenizer.encode(fewshot_prompt(q, shots or [])) for q in questions]
+        outs = generate_completions(model, prompts, max_new_tokens, eos_id=tokenizer.eot_id, temperature=0,
+                                    batch_size=batch_size)
+        return [tokenizer.decode(o).split("\n")[0].strip() for o in outs]
+    raise ValueError(f"answer_questions: mode must be 'chat' or 'fewshot', got {mode!r}")
+
+
+def evaluate_instructions(model, tokenizer, records: list[dict[str, Any]], mode: str = "chat",
+                          shots: list[dict[str, Any]] | None = None, world=None) -> dict[str, Any]:
+    """Exact match, refusal accuracy and mean gold reward of greedy answers to `records` (sft_test rows).
+
+        exact_match      = mean over fact/math rows of [normalize(answer) == normalize(reference)]
+        refusal_accuracy = mean over forbidden rows of [answer refuses]
+        false_refusals   = mean over fact/math rows of [answer refuses]
+        gold_reward      = mean over all rows of gold_reward(question, answer)
+    """
+    from minillm.world import gold_reward, is_refusal, make_world, normalize_answer
+
+    world = world or make_world(0)
+    questions = [_user(r) for r in records]
+    answers = answer_questions(model, tokenizer, questions, mode=mode, shots=shots)
+    rows = []
+    for r, q, a in zip(records, questions, answers):
+        ref = _assistant(r)
+        rows.append({"question": q, "answer": a, "reference": ref, "kind": r.get("kind"),
+                     "exact": normalize_answer(a) == normalize_answer(ref), "refused": is_refusal(a),
+                     "gold_reward": gold_reward(q, a, world)})
+    answerable = [x for x in rows if x["kind"] != "refusal"]
+    forbidden = [x for x in rows if x["kind"] == "refusal"]
+    facts = [x for x in rows if x["kind"] == "fact"]
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return {
+        "mode": mode,
+        "n": len(rows),
+        "exact_match": mean([x["exact"] for x in answerable]),
+        "fact_exact_match": mean([x["exact"] for x in facts]),
+        "refusal_accuracy": mean([x["refused"] for x in forbidden]),
+        "false_refusals": mean([x["refused"] for x in answerable]),
+        "gold_reward": mean([x["gold_reward"] for x in rows]),
+        "rows": rows,
+    }
