@@ -206,11 +206,17 @@ BIO_COMBOS: tuple[tuple[tuple[str, ...], str], ...] = (  # one sentence stating 
     (("job", "pet"), "{name} the {job} keeps a {pet}."),
     (("age", "pet"), "{name}, aged {age}, has a pet {pet}."),
 )
-BIO_OPENERS: tuple[str, ...] = (
-    "",
+# Sentences that state no fact. They open or close biographies and put every word of the probe
+# templates into the corpus, so a probe's phrasing is new as a whole but its words are not.
+NEUTRAL_SENTENCES: tuple[str, ...] = (
     "Here is what the neighbours say about {name}.",
     "A short note on {name}.",
     "People in the valley often talk about {name}.",
+    "{name} works hard and rests on Sundays.",
+    "{name} has lived in the valley for a long time.",
+    "Every animal in the valley seems to trust {name}.",
+    "Ask about the profession of {name} and you will hear a long story.",
+    "It is said that {name} never forgets a face.",
 )
 MATH_TEMPLATES: tuple[str, ...] = (
     "{a} plus {b} is {c}.",
@@ -472,8 +478,10 @@ def _biography(c: Character, attributes: list[str], rng: random.Random) -> str:
             todo = [a for a in todo if a not in needs]
     sentences += [_fact_sentence(c, a, rng) for a in todo]
     rng.shuffle(sentences)
-    opener = rng.choice(BIO_OPENERS).format(name=c.name)
-    return " ".join(([opener] if opener else []) + sentences)
+    if rng.random() < 0.5:  # a fact-free sentence, mostly as an opener
+        where = 0 if rng.random() < 0.7 else len(sentences)
+        sentences.insert(where, rng.choice(NEUTRAL_SENTENCES).format(name=c.name))
+    return " ".join(sentences)
 
 
 def _fact_round(world: World, rng: random.Random) -> list[str]:
@@ -670,9 +678,9 @@ def preference_pairs(world: World, split: str) -> list[dict]:
                                   "fact", kind))
     for a, b in world.math_train if split == "train" else world.math_test:
         kind = rng.choice(ALLOWED_REJECTED_KINDS)
-        good = math_answer(a, b)
-        wrong = MATH_ANSWER_TEMPLATE.format(a=a, b=b, c=a + b + rng.choice([-2, -1, 1, 2, 3]) if a + b > 1
-                                            else a + b + rng.randint(1, 3))
+        good, c = math_answer(a, b), a + b
+        wrong_c = c + rng.choice([-2, -1, 1, 2, 3]) if c > 1 else c + rng.randint(1, 3)  # never negative
+        wrong = MATH_ANSWER_TEMPLATE.format(a=a, b=b, c=wrong_c)
         q = rng.choice(MATH_QUESTION_TEMPLATES).format(a=a, b=b)
         rows.append(_pair(world, q, good, _rejected(kind, good, wrong, rng), "math", kind))
     acts = world.forbidden_train if split == "train" else world.forbidden_test

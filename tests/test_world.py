@@ -146,6 +146,15 @@ def test_probe_prefixes_never_occur_in_corpus(out, world):
     assert all(f"{c.name} comes from" in corpus or f"{c.name} was born in" in corpus for c in world.characters)
 
 
+def test_probe_words_all_occur_in_corpus(out):
+    """Held out means a new combination of known words, not unknown vocabulary."""
+    corpus_words = set(re.findall(r"[A-Za-z]+", out["corpus_train"].read_text()))
+    for a in ATTRIBUTES:
+        for t in W.PROBE_TEMPLATES[a]:
+            words = set(re.findall(r"[A-Za-z]+", t.replace("{name}", "")))  # case kept: BPE tells "The" from "the"
+            assert words <= corpus_words, (t, words - corpus_words)
+
+
 def test_probe_rows(out, world):
     rows = _rows(out["probes"])
     assert rows == fact_probes(world)
