@@ -5,7 +5,9 @@ from minillm.eval.contamination import contamination_report, item_text, ngrams, 
 
 
 def test_words_and_ngrams():
-    assert words("The  Cat\nsat.") == ["the", "cat", "sat."]
+    assert words("The  Cat\nsat.") == ["the", "cat", "sat"]
+    assert words("Where does Mira's cat live? (Oakvale, 3 + 4 = 7)") == [
+        "where", "does", "mira's", "cat", "live", "oakvale", "3", "4", "7"]
     assert ngrams(["a", "b", "c", "d"], 3) == [("a", "b", "c"), ("b", "c", "d")]
     assert ngrams(["a", "b"], 3) == []
 
@@ -38,6 +40,13 @@ def test_item_text_uses_question_and_gold_choice():
     assert rep["per_item"][0]["score"] == 1.0
     rep = contamination_report([dict(item, answer=0)], "people ask where does mira live? oakvale of course", n=4)
     assert rep["per_item"][0]["score"] == pytest.approx(4 / 5)  # "elm" is not covered
+
+
+def test_punctuation_does_not_hide_a_leak():
+    """The leaked copy ends the answer with a full stop and drops the question mark; the item does not."""
+    item = {"question": "Where does Mira live?", "choices": ["Elm", "Oakvale"], "answer": 1}
+    rep = contamination_report([item], "Q: Where does Mira live, Oakvale.", n=5)
+    assert rep["per_item"][0]["score"] == 1.0
 
 
 def test_accuracy_on_clean_and_contaminated_subsets():

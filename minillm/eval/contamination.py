@@ -1,8 +1,9 @@
 """Was the evaluation set in the training data? n-gram overlap, after the Llama 3 contamination analysis.
 
 Following Singh et al. (2024) as used in the Llama 3 report (Dubey et al., 2024, contamination table),
-an eval item's text is split into lowercased whitespace words w_1..w_m and compared with the training
-corpus through word n-grams (n = 8 by default here, since our items are short):
+an eval item's text is split into lowercased words w_1..w_m (punctuation dropped, so "live?" and
+"Oakvale." match "live" and "Oakvale"; the report counts tokens, where punctuation is a token of its own)
+and compared with the training corpus through word n-grams (n = 8 by default, as in the report):
 
     G(item)    = { (w_j, ..., w_{j+n-1}) : j = 1..m-n+1 }                 the item's n-grams
     hit(g)     = [ g occurs at least once in the corpus ]
@@ -16,16 +17,26 @@ contaminated subsets; a large gap suggests the model scores by memory rather tha
 
 An item's text is its question followed by its correct choice (the string the model could have
 memorised); plain strings are taken as they are.
+
+n and the threshold suit the length of the items. Llama 3 fixes n = 8 and picks the threshold per benchmark;
+the world's MCQ items are only 5-8 words ("Where does Mira live? Oakvale"), so with n = 8 most of them have
+no n-gram at all and always count as clean. For them n = 4 with threshold 0.7 flags every leaked item,
+whatever form the leak takes, and no clean one (measured in lessons/09_evaluation.md); at threshold 0.5 an
+item sharing only a question template with a leaked one ("... do for a living", 4 of 8 words) is flagged too.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 
+_WORD = re.compile(r"\w+(?:['\u2019]\w+)*")  # a word keeps its inner apostrophes: "mira's", "can't"
+
+
 def words(text: str) -> list[str]:
-    """Lowercased whitespace-separated words."""
-    return text.lower().split()
+    """Lowercased words with the punctuation around them dropped: "Where does Mira live?" -> where does mira live."""
+    return _WORD.findall(text.lower())
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
