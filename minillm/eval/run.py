@@ -1,0 +1,395 @@
+"""`python -m minillm eval`: the perplexity and multiple-choice accuracy of a trained run, in one JSON report.
+
+    PPL           = exp( -(1/N) sum_i log p(x_i | x_[begin(i):i]) )    strided sliding window, stride L/2
+                                                                       (Hugging Face perplexity guide)
+    bits_per_byte = -sum_docs ll(doc) / (sum_docs bytes(doc) * ln 2)  rolling windows per document (lm-eval)
+    acc           = (1/n) sum_items [ argmax_k ll(" " + c_k | x) == gold ]   and acc_norm, acc_bytes
+                                                                       (lm-evaluation-harness, Gao et al. 2021-)
+
+`minillm/eval/perplexity.py`, `loglik.py` and `mcq.py` hold the equations; this module loads a run, picks the
+prompt format, adds the optional checks (`robustness.py`: answer order and prompt format, after the Llama 3
+report, Dubey et al. 2024; `contamination.py`: n-gram overlap with a training corpus) and writes the report.
+
+Prompt formats. Besides lm-eval's (`mcq.FORMATS`: MMLU letters, two letter variants, HellaSwag-style scoring
+of the choice texts after the question), `cloze` rewrites a world question as the start of the sentence
+that answers it, the world's canonical answer (`world.ANSWER_TEMPLATES` up to the value):
+
+    "Where does Mira live?" -> "Mira lives in"      "How old is Mira?" -> "Mira is"
+
+and scores the choice texts after it, as `hellaswag` does. A base model has read statements, never
+questions, so the question's own words give it little to go on; the cloze asks for the same fact in a
+sentence it can continue. `auto` (the default) takes `cloze` when every item is a world question, else
+`hellaswag`. (Small models cannot use the letter formats at all: they answer every item with the same
+letter. Lesson 9 shows the measurements.)
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from minillm.eval.mcq import FORMATS
+
+DEFAULT_PPL = "data/world/corpus_val.txt"
+DEFAULT_MCQ = "data/world/mcq_test.jsonl"
+DEFAULT_FEWSHOT = "data/world/mcq_dev.jsonl"
+FORMAT_CHOICES = ("auto", "cloze", *FORMATS)
+LETTER_FORMATS = tuple(f for f in FORMATS if f != "hellaswag")
+# Measured on the world's short items (contamination.py docstring, lessons/09_evaluation.md):
+# n = 8, as Llama 3 uses, leaves most 5-8-word items without a single n-gram.
+CONTAMINATION_N, CONTAMINATION_THRESHOLD = 4, 0.7
+
+
+# ----------------------------------------------------------------------------- the cloze format
+def _question_patterns() -> list[tuple[re.Pattern, str]]:
+    from minillm.world import ATTRIBUTES, QUESTION_TEMPLATES
+
+    return [
+        (re.compile(re.escape(t).replace(re.escape("{name}"), r"(?P<name>[A-Za-z]+)"), re.IGNORECASE), a)
+        for a in ATTRIBUTES for t in QUESTION_TEMPLATES[a]
+    ]
+
+
+def world_question(item: dict) -> tuple[str, str] | None:
+    """(character, attribute) asked by a world MCQ item, from its fields or its question; None if it is not one."""
+    from minillm.world import ATTRIBUTES
+
+    name, attribute = item.get("character"), item.get("attribute")
+    if isinstance(name, str) and name and attribute in ATTRIBUTES:
+        return name, attribute
+    question = " ".join(str(item.get("question", "")).split())
+    for pattern, attribute in _question_patterns():
+        m = pattern.fullmatch(question)
+        if m:
+            return m["name"], attribute
+    return None
+
+
+def cloze_item(item: dict) -> dict:
+    """The item with its question replaced by the start of its canonical answer: "Mira lives in".
+
+    cloze(name, attribute) = ANSWER_TEMPLATES[attribute] up to "{value}", stripped, with the name filled in.
+    """
+    from minillm.world import ANSWER_TEMPLATES
+
+    asked = world_question(item)
+    if asked is None:
+        raise ValueError(
+            f"format 'cloze' needs a world question (one of world.QUESTION_TEMPLATES, or 'character' and "
+            f"'attribute' fields), got {item.get('question')!r}; use --format hellaswag or mmlu for other items"
+        )
+    name, attribute = asked
+    prefix = ANSWER_TEMPLATES[attribute].split("{value}")[0].rstrip()
+    return {**item, "question": prefix.format(name=name)}
+
+
+def resolve_format(fmt: str, items: Sequence[dict]) -> str:
+    """'auto' -> 'cloze' when every item is a world question, else 'hellaswag'; other names are checked."""
+    if fmt not in FORMAT_CHOICES:
+        raise ValueError(f"format must be one of {list(FORMAT_CHOICES)}, got {fmt!r}")
+    if fmt != "auto":
+        return fmt
+    return "cloze" if all(world_question(item) is not None for item in items) else "hellaswag"
+
+
+def as_scored(items: Sequence[dict], fmt: str) -> tuple[list[dict], str]:
+    """(items, mcq format) that `evaluate_mcq` scores: cloze items are scored like HellaSwag."""
+    if fmt == "cloze":
+        return [cloze_item(item) for item in items], "hellaswag"
+    return list(items), fmt
+
+
+# ----------------------------------------------------------------------------- the parts of the report
+def perplexity_report(model, tokenizer, path: str | Path, max_length: int | None = None, stride: int | None = None,
+                      batch_size: int = 32) -> dict[str, Any]:
+    """Sliding-window token perplexity of the whole file, and lm-eval's per-document rolling metrics.
+
+    sliding: the documents (blank-line separated) joined with <|endoftext|>, as pretraining reads them,
+    scored in windows of L = max_length (default block_size) every `stride` tokens (default L // 2).
+    rolling: each document scored from <|endoftext|> exactly once, giving token/word/byte perplexity
+    and bits_per_byte (which compare models with different tokenizers).
+    """
+    from minillm.datasets import read_text, split_documents, tokenize_corpus
+    from minillm.eval.loglik import model_max_length
+    from minillm.eval.perplexity import document_perplexity, perplexity
+
+    L = model_max_length(model, max_length)
+    stride = L // 2 if stride is None else stride
+    sliding = perplexity(model, tokenize_corpus(path, tokenizer), max_length=L, stride=stride, batch_size=batch_size)
+    rolling = document_perplexity(model, tokenizer, split_documents(read_text(path)), max_length=L,
+                                  batch_size=batch_size)
+    return {"path": str(path), "max_length": L, "stride": stride, "sliding": sliding, "rolling": rolling}
+
+
+def mcq_report(model, tokenizer, items: Sequence[dict], fmt: str = "auto", num_fewshot: int = 0,
+               fewshot_items: Sequence[dict] | None = None, seed: int = 1234, sampler: str = "random",
+               batch_size: int = 32) -> dict[str, Any]:
+    """evaluate_mcq's {acc, acc_norm, acc_bytes, n, per_item} in the resolved format, plus that format's name."""
+    from minillm.eval.mcq import evaluate_mcq
+
+    fmt = resolve_format(fmt, items)
+    scored, mcq_fmt = as_scored(items, fmt)
+    pool = None if fewshot_items is None else as_scored(fewshot_items, fmt)[0]
+    result = evaluate_mcq(model, tokenizer, scored, num_fewshot=num_fewshot, seed=seed, fewshot_items=pool,
+                          fmt=mcq_fmt, sampler=sampler, batch_size=batch_size)
+    return {"format": fmt, "num_fewshot": num_fewshot, **result}
+
+
+def robustness_checks(model, tokenizer, items: Sequence[dict], fmt: str, num_fewshot: int = 0,
+                      fewshot_items: Sequence[dict] | None = None, seed: int = 1234,
+                      batch_size: int = 32) -> dict[str, Any]:
+    """Accuracy under every cyclic order of the choices (the chosen format and MMLU letters) and per format.
+
+    Text-scoring formats (hellaswag, cloze) score each choice alone, so they are order-invariant by
+    construction; the letter formats are where the order shows.
+    """
+    from minillm.eval.robustness import answer_order_robustness
+
+    fmt = resolve_format(fmt, items)
+    formats = list(FORMATS) + (["cloze"] if all(world_question(i) is not None for i in items) else [])
+    order = {}
+    for name in dict.fromkeys([fmt, "mmlu"]):
+        scored, mcq_fmt = as_scored(items, name)
+        pool = None if fewshot_items is None else as_scored(fewshot_items, name)[0]
+        result = answer_order_robustness(model, tokenizer, scored, fmt=mcq_fmt, num_fewshot=num_fewshot, seed=seed,
+                                         fewshot_items=pool, batch_size=batch_size)
+        order[name] = {k: v for k, v in result.items() if k != "per_item"}
+    accs = {name: mcq_report(model, tokenizer, items, name, num_fewshot, fewshot_items, seed,
+                             batch_size=batch_size)["acc"] for name in formats}
+    values = list(accs.values())
+    return {"answer_order": order,
+            "prompt_format": {"acc_per_format": accs, "mean": sum(values) / len(values),
+                              "spread": max(values) - min(values)}}
+
+
+def contamination_check(items: Sequence[dict], corpus_path: str | Path, per_item_correct: Sequence[bool] | None,
+                        n: int = CONTAMINATION_N, threshold: float = CONTAMINATION_THRESHOLD) -> dict[str, Any]:
+    """contamination_report of the items against the corpus file's documents (blank-line separated)."""
+    from minillm.datasets import read_text, split_documents
+    from minillm.eval.contamination import contamination_report
+
+    docs = split_documents(read_text(corpus_path))
+    report = contamination_report(items, docs, per_item_correct=per_item_correct, n=n, threshold=threshold)
+    return {"corpus": str(corpus_path), **report}
+
+
+# ----------------------------------------------------------------------------- one run, end to end
+def _require_file(path: str | Path | None, what: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"{what}: {path}: file not found")
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    ppl: str | Path | None = DEFAULT_PPL,
+    mcq: str | Path | None = DEFAULT_MCQ,
+    fewshot_data: str | Path | None = DEFAULT_FEWSHOT,
+    num_fewshot: int = 0,
+    fmt: str = "auto",
+    sampler: str = "random",
+    seed: int = 1234,
+    robustness: bool = False,
+    contamination: str | Path | None = None,
+    contamination_n: int = CONTAMINATION_N,
+    contamination_threshold: float = CONTAMINATION_THRESHOLD,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Perplexity on `ppl` and MCQ accuracy on `mcq` (None skips either) of the run in `run_dir`.
+
+    Few-shot examples come from `fewshot_data` (None: from the evaluated items themselves). `robustness`
+    adds the answer-order and prompt-format checks; `contamination` (a corpus file) adds the n-gram
+    overlap of the MCQ items with it and the accuracy on the clean and contaminated items.
+    Every input file is checked before the model is loaded. Returns the report as a dict.
+    """
+    from minillm.eval.mcq import load_mcq
+    from minillm.pretrain import load_run
+
+    if ppl is None and mcq is None:
+        raise ValueError("nothing to evaluate: give a perplexity text (ppl) or multiple-choice items (mcq)")
+    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be a non-negative integer, got {num_fewshot!r}")
+    if fmt not in FORMAT_CHOICES:
+        raise ValueError(f"format must be one of {list(FORMAT_CHOICES)}, got {fmt!r}")
+    if contamination is not None and mcq is None:
+        raise ValueError("contamination: checks the MCQ items, so it needs mcq")
+    _require_file(ppl, "ppl")
+    _require_file(mcq, "mcq")
+    if mcq is not None and num_fewshot > 0:
+        _require_file(fewshot_data, "fewshot_data")
+    _require_file(contamination, "contamination")
+
+    t0 = time.perf_counter()
+    model, tokenizer, run_config = load_run(run_dir, device=device)
+    report: dict[str, Any] = {"run": str(run_dir), "stage": run_config.get("stage"),
+                              "parameters": sum(p.numel() for p in model.parameters())}
+    seconds: dict[str, float] = {"load": time.perf_counter() - t0}
+    if ppl is not None:
+        t0 = time.perf_counter()
+        report["perplexity"] = perplexity_report(model, tokenizer, ppl, max_length, stride, batch_size)
+        seconds["perplexity"] = time.perf_counter() - t0
+    if mcq is not None:
+        t0 = time.perf_counter()
+        items = load_mcq(mcq)
+        pool = load_mcq(fewshot_data) if num_fewshot > 0 and fewshot_data is not None else None
+        report["mcq"] = {"path": str(mcq), **mcq_report(model, tokenizer, items, fmt, num_fewshot, pool, seed,
+                                                        sampler, batch_size)}
+        seconds["mcq"] = time.perf_counter() - t0
+        if robustness:
+            t0 = time.perf_counter()
+            report["robustness"] = robustness_checks(model, tokenizer, items, fmt, num_fewshot, pool, seed,
+                                                     batch_size)
+            seconds["robustness"] = time.perf_counter() - t0
+        if contamination is not None:
+            correct = [r["pred"] == r["answer"] for r in report["mcq"]["per_item"]]
+            report["contamination"] = contamination_check(items, contamination, correct, contamination_n,
+                                                          contamination_threshold)
+    report["seconds"] = seconds
+    return report
+
+
+# ----------------------------------------------------------------------------- printing
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def report_rows(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a report as metric -> value (what the table and the pipeline show)."""
+    rows: dict[str, Any] = {}
+    if "perplexity" in report:
+        p = report["perplexity"]
+        rows[f"perplexity (sliding window, L={p['max_length']}, stride {p['stride']})"] = p["sliding"]["ppl"]
+        rows["perplexity (per document, lm-eval rolling)"] = p["rolling"]["token_perplexity"]
+        rows["bits per byte"] = p["rolling"]["bits_per_byte"]
+    if "mcq" in report:
+        m = report["mcq"]
+        where = f"{m['format']}, {m['num_fewshot']}-shot, {m['n']} items"
+        for metric in ("acc", "acc_norm", "acc_bytes"):
+            rows[f"MCQ {metric} ({where})"] = m[metric]
+    if "robustness" in report:
+        r = report["robustness"]
+        for name, order in r["answer_order"].items():
+            rows[f"answer order ({name}): acc spread over rotations"] = order["spread"]
+            rows[f"answer order ({name}): consistent fraction"] = order["consistent_fraction"]
+        for name, acc in r["prompt_format"]["acc_per_format"].items():
+            rows[f"prompt format {name}: acc"] = acc
+    if "contamination" in report:
+        c = report["contamination"]
+        rows[f"contaminated items ({c['n']}-grams, threshold {c['threshold']})"] = \
+            f"{c['n_contaminated']} of {c['n_items']}"
+        rows["acc on clean / contaminated items"] = f"{_fmt(c['acc_clean'])} / {_fmt(c['acc_contaminated'])}"
+    return rows
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """A two-column plain-text table of `report_rows`, then the seconds each part took."""
+    rows = report_rows(report)
+    width = max(len(k) for k in rows) if rows else 0
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    lines += [f"{k:<{width}}  {_fmt(v)}" for k, v in rows.items()]
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+def _optional_path(value: str) -> str | None:
+    return None if value.lower() in ("", "none") else value
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    """`minillm eval`: perplexity + multiple-choice accuracy of a run, printed and written as JSON."""
+    p = subparsers.add_parser(
+        "eval", help="perplexity and multiple-choice accuracy of a trained run",
+        description="Validation perplexity (sliding window) and bits per byte, multiple-choice accuracy "
+                    "(acc, acc_norm, acc_bytes) by log-likelihood ranking as lm-evaluation-harness does, and "
+                    "optional robustness and contamination checks. Prints a table and writes JSON.")
+    p.add_argument("--ckpt", default="runs/sft", help="run directory (config.json, ckpt.pt, tokenizer/)")
+    p.add_argument("--ppl", type=_optional_path, default=DEFAULT_PPL,
+                   help=f"text file for perplexity, documents separated by blank lines (default {DEFAULT_PPL}; "
+                        "'none' skips)")
+    p.add_argument("--mcq", type=_optional_path, default=DEFAULT_MCQ,
+                   help=f"multiple-choice items: our JSONL, an MMLU CSV or HellaSwag JSONL (default {DEFAULT_MCQ}; "
+                        "'none' skips)")
+    p.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="auto",
+                   help="prompt format: cloze (world question -> start of its answer sentence), hellaswag "
+                        "(question -> choice text), mmlu/paren/qa (letters); auto = cloze for world questions, "
+                        "else hellaswag")
+    p.add_argument("--num-fewshot", type=int, default=0, help="solved examples before each question (default 0)")
+    p.add_argument("--fewshot-data", type=_optional_path, default=DEFAULT_FEWSHOT,
+                   help=f"where few-shot examples come from (default {DEFAULT_FEWSHOT}; 'none': the evaluated items)")
+    p.add_argument("--sampler", choices=("random", "first_n"), default="random",
+                   help="few-shot draw: seeded random sample (lm-eval default) or the first k")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampler seed (lm-eval default 1234)")
+    p.add_argument("--robustness", action="store_true",
+                   help="also accuracy under every cyclic order of the choices, and under every prompt format")
+    p.add_argument("--contamination", metavar="CORPUS", default=None,
+                   help="training corpus to check the MCQ items against (n-gram overlap)")
+    p.add_argument("--contamination-n", type=int, default=CONTAMINATION_N,
+                   help=f"n-gram length (default {CONTAMINATION_N}: the world's items are 5-8 words; "
+                        "Llama 3 uses 8 on longer benchmark items)")
+    p.add_argument("--contamination-threshold", type=float, default=CONTAMINATION_THRESHOLD,
+                   help=f"fraction of an item's words inside corpus n-grams that makes it contaminated "
+                        f"(default {CONTAMINATION_THRESHOLD})")
+    p.add_argument("--max-length", type=int, default=None, help="scoring window (default: the model's block_size)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: max_length // 2)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto picks cuda > mps > cpu")
+    p.add_argument("--out", default=None, help="JSON report (default: CKPT/eval.json)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Run `evaluate_run` with the command's flags, print the table, write the JSON report atomically."""
+    from minillm.utils import write_json
+
+    report = evaluate_run(args.ckpt, ppl=args.ppl, mcq=args.mcq, fewshot_data=args.fewshot_data,
+                          num_fewshot=args.num_fewshot, fmt=args.fmt, sampler=args.sampler, seed=args.seed,
+                          robustness=args.robustness, contamination=args.contamination,
+                          contamination_n=args.contamination_n, contamination_threshold=args.contamination_threshold,
+                          max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
+                          device=args.device)
+    out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
+    write_json(out, report)
+    print(render_table(report))
+    print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------- the pipeline stage
+def pipeline_eval(ctx: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Perplexity and MCQ rows for every stage's run in ctx: {stage: run_dir, ..., "data": world dir}.
+
+    "data" (optional, default data/world) names the directory with corpus_val.txt and mcq_test.jsonl;
+    every other key is a stage whose value is a run directory (those without ckpt.pt are skipped).
+    Each run's full report is written to <run_dir>/eval.json. Returns {stage: report_rows(report)}.
+    """
+    from minillm.utils import write_json
+
+    data = Path(ctx.get("data", "data/world"))
+    rows: dict[str, dict[str, Any]] = {}
+    for stage, run_dir in ctx.items():
+        if stage == "data" or run_dir is None or not (Path(run_dir) / "ckpt.pt").is_file():
+            continue
+        report = evaluate_run(run_dir, ppl=data / "corpus_val.txt", mcq=data / "mcq_test.jsonl")
+        write_json(Path(run_dir) / "eval.json", report)
+        rows[stage] = report_rows(report)
+    return rows
+
+
+if __name__ == "__main__":  # python -m minillm.eval.run ... works before the command is wired into cli.py
+    import sys
+
+    parser = argparse.ArgumentParser(prog="minillm")
+    add_eval_command(parser.add_subparsers(dest="command", required=True))
+    parsed = parser.parse_args(sys.argv[1:] if sys.argv[1:2] == ["eval"] else ["eval", *sys.argv[1:]])
+    try:
+        parsed.func(parsed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"minillm eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
