@@ -386,7 +386,7 @@ def quantize_4bit(
         return state
     _check_blocksize(dq_blocksize, "dq_blocksize")
     offset = absmax.mean()  # absmax > 0, so centring makes the signed 8-bit map useful
-    dynamic_map = DYNAMIC_MAP.to(w.device)
+    dynamic_map = DYNAMIC_MAP.to(w.device, copy=True)  # owned by this state: a buffer must not alias the constant
     state.absmax_q, state.absmax_scale = quantize_blockwise(absmax - offset, dynamic_map, dq_blocksize)
     state.absmax_offset = offset
     state.absmax_code = dynamic_map
