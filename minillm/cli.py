@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--seed-world", type=int, default=0, help="seed used when the world data must be generated")
+    p.add_argument("--skip", action="append", metavar="STAGE",
+                   help="skip a stage (repeatable): pretrain, base_eval, sft, sft_experiments, ...")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

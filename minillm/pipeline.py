@@ -1,9 +1,18 @@
 """The main job, `python -m minillm pipeline`: every stage in order, then a report card.
 
-    world data -> tokenizer -> pretraining -> samples -> validation perplexity -> fact completion
+    world data -> tokenizer -> pretraining -> samples, perplexity, fact completion
+               -> SFT (+ data-size and masking experiments) -> evaluation of every stage's model
 
-Each stage writes into its own directory under --out (default runs/pipeline) and adds rows to
-runs/pipeline/report.md, so an instructor can run one command and show the class what each stage did.
+Each stage writes into its own directory under --out (default runs/pipeline), records its numbers in
+`summary.json`, and adds a section to `report.md`, so an instructor can run one command and show the
+class what each stage did. A stage is a function `stage(ctx)` of one shared context dict:
+
+    ctx = {"args", "out", "data", "tok", "preset",
+           "runs":     {stage name: run directory},     the models produced so far
+           "card":     [(stage, metric, value)],        rows of the report card
+           "sections": [markdown],                      the report's body
+           "summary":  {...},                           summary.json
+           "timings":  {stage: seconds}}
 """
 from __future__ import annotations
 
@@ -12,13 +21,21 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from minillm.utils import atomic_write_text, write_json
 
 SAMPLE_PROMPTS = ["Mira", "The town of Oakvale", "3 plus 4 is", "Everyone knows"]
+SFT_DATA_SIZES = (16, 64, 256)
+Ctx = dict[str, Any]
+
+
+def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    from minillm.datasets import read_jsonl
+
+    return [r for _, r in read_jsonl(path)]
 
 
 def ensure_world(data_dir: Path, seed: int) -> None:
@@ -36,139 +53,208 @@ def ensure_tokenizer(tok_path: Path, corpus: Path, vocab_size: int):
     from minillm.tokenizer import Tokenizer
 
     if (tok_path / "tokenizer.json").exists() or tok_path.is_file():
-        return Tokenizer.load(tok_path), 0.0
+        return Tokenizer.load(tok_path)
     t0 = time.perf_counter()
     tok = Tokenizer.train(corpus, vocab_size)
-    seconds = time.perf_counter() - t0
     tok_path.mkdir(parents=True, exist_ok=True)
     tok.save(tok_path)
-    print(f"[tokenizer] trained {tok.vocab_size} tokens in {seconds:.1f}s -> {tok_path}")
-    return tok, seconds
+    print(f"[tokenizer] trained {tok.vocab_size} tokens in {time.perf_counter() - t0:.1f}s -> {tok_path}")
+    return tok
 
 
-def run_samples(model, tok, n_new: int = 30) -> list[dict[str, str]]:
-    """Greedy and sampled (T=0.8, top-k 50) continuations of a few prompts."""
-    from minillm.sampling import generate_completions
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table; floats to 3 decimals, pipes and newlines escaped."""
+    def cell(v: Any) -> str:
+        s = f"{v:.3f}" if isinstance(v, float) else str(v)
+        return s.replace("|", "\\|").replace("\n", " ")
 
-    prompts = [tok.encode(p) for p in SAMPLE_PROMPTS]
-    greedy = generate_completions(model, prompts, n_new, eos_id=tok.eot_id, temperature=0)
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
-    sampled = generate_completions(model, prompts, n_new, eos_id=tok.eot_id, temperature=0.8, top_k=50,
-                                   generator=gen)
-    return [{"prompt": p, "greedy": tok.decode(g), "sampled": tok.decode(s)}
-            for p, g, s in zip(SAMPLE_PROMPTS, greedy, sampled)]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
-def validation_perplexity(model, tok, val_path: Path) -> dict[str, Any]:
-    """Sliding-window perplexity (stride = half the context) over the whole validation corpus."""
+# ----------------------------------------------------------------------------- stages
+def stage_pretrain(ctx: Ctx) -> None:
+    from minillm.cli import resolve_configs
+    from minillm.pretrain import pretrain
+
+    model_cfg, train_cfg = resolve_configs(ctx["args"], ctx["tok"].vocab_size)
+    print(f"[pretrain] preset {ctx['args'].preset}: {model_cfg}")
+    data = ctx["data"]
+    model, result = pretrain(ctx["tok"], data / "corpus_train.txt", data / "corpus_val.txt", model_cfg, train_cfg,
+                             ctx["out"] / "base")
+    ctx["runs"]["base"] = ctx["out"] / "base"
+    ctx["timings"]["pretrain"] = result.seconds
+    ctx["summary"]["model"] = asdict(model_cfg)
+    ctx["summary"]["parameters"] = model.num_parameters()
+    ctx["summary"]["pretrain"] = asdict(result)
+    ctx["card"] += [("pretrain", "steps", result.step),
+                    ("pretrain", "final train / validation loss", f"{result.train_loss:.4f} / {result.val_loss:.4f}"),
+                    ("pretrain", "training tokens/s", f"{result.tokens_per_s:,.0f}"),
+                    ("pretrain", "wall time (s)", f"{result.seconds:.0f}")]
+    ctx["sections"].append("## Pretraining\n\n![pretraining loss](base/loss_curve.png)")
+
+
+def stage_base_eval(ctx: Ctx) -> None:
+    """Samples, sliding-window validation perplexity and held-out-phrasing fact completion."""
     from minillm.datasets import tokenize_corpus
     from minillm.eval.perplexity import perplexity
+    from minillm.eval.task import fact_completion_accuracy
+    from minillm.pretrain import load_run
+    from minillm.sampling import generate_completions
 
-    ids = tokenize_corpus(val_path, tok)
-    return perplexity(model, ids, max_length=model.config.block_size, stride=model.config.block_size // 2,
-                      batch_size=32)
+    model, tok, _ = load_run(ctx["runs"]["base"])
+    prompts = [tok.encode(p) for p in SAMPLE_PROMPTS]
+    greedy = generate_completions(model, prompts, 30, eos_id=tok.eot_id, temperature=0)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    sampled = generate_completions(model, prompts, 30, eos_id=tok.eot_id, temperature=0.8, top_k=50, generator=gen)
+    block = model.config.block_size
+    ppl = perplexity(model, tokenize_corpus(ctx["data"] / "corpus_val.txt", tok), max_length=block,
+                     stride=block // 2, batch_size=16)
+    facts = fact_completion_accuracy(model, tok, read_jsonl_rows(ctx["data"] / "probes.jsonl"))
+    write_json(ctx["out"] / "fact_completion.json", facts["rows"])
+    ctx["summary"]["val_perplexity"] = ppl
+    ctx["summary"]["fact_completion"] = {k: v for k, v in facts.items() if k != "rows"}
+    ctx["card"] += [("base", "validation perplexity (sliding window)", f"{ppl['ppl']:.3f} ({ppl['n_tokens']:,} tokens)"),
+                    ("base", "fact completion, held-out phrasing (greedy)",
+                     f"{facts['accuracy']:.3f} of {facts['n']} probes")]
+    body = ["## The base model", "",
+            "Fact completion by attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in facts["per_attribute"].items()),
+            "", "Samples:", "",
+            md_table(["prompt", "greedy", "sampled (T=0.8, top-k 50)"],
+                     [[p, tok.decode(g), tok.decode(s)] for p, g, s in zip(SAMPLE_PROMPTS, greedy, sampled)])]
+    wrong = [r for r in facts["rows"] if not r["correct"]][:8]
+    if wrong:
+        body += ["", "Some fact completions it got wrong:", "",
+                 md_table(["prompt", "answer", "completion"], [[r["prompt"], r["answer"], r["completion"].strip()]
+                                                              for r in wrong])]
+    ctx["sections"].append("\n".join(body))
+
+
+def _sft_eval(run_dir: Path, records: list[dict], mode: str = "chat", shots: list[dict] | None = None) -> dict:
+    from minillm.eval.task import evaluate_instructions
+    from minillm.pretrain import load_run
+
+    model, tok, _ = load_run(run_dir)
+    return evaluate_instructions(model, tok, records, mode=mode, shots=shots)
+
+
+def stage_sft(ctx: Ctx) -> None:
+    """SFT on the world chats; base (few-shot) vs SFT on held-out characters."""
+    from minillm.cli import stage_train_config
+    from minillm.finetune import run_sft
+
+    cfg = stage_train_config(ctx["args"], "sft")
+    _, result, stats = run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", ctx["out"] / "sft", cfg)
+    ctx["runs"]["sft"] = ctx["out"] / "sft"
+    ctx["timings"]["sft"] = result.seconds
+    test = read_jsonl_rows(ctx["data"] / "sft_test.jsonl")
+    shots = [r for r in read_jsonl_rows(ctx["data"] / "sft_train.jsonl") if r.get("kind") == "fact"][:3]
+    base = _sft_eval(ctx["runs"]["base"], test, mode="fewshot", shots=shots)
+    sft = _sft_eval(ctx["runs"]["sft"], test)
+    write_json(ctx["out"] / "sft" / "eval_test.json", sft["rows"])
+    keys = ["exact_match", "fact_exact_match", "refusal_accuracy", "false_refusals", "gold_reward"]
+    ctx["summary"]["sft"] = {"train": asdict(result), "stats": stats,
+                             "base_fewshot": {k: base[k] for k in keys}, "sft": {k: sft[k] for k in keys}}
+    ctx["card"] += [("sft", "held-out exact match: base few-shot -> SFT",
+                     f"{base['exact_match']:.3f} -> {sft['exact_match']:.3f}"),
+                    ("sft", "refusal accuracy on held-out forbidden requests", f"{sft['refusal_accuracy']:.3f}"),
+                    ("sft", "mean gold reward: base few-shot -> SFT", f"{base['gold_reward']:.3f} -> {sft['gold_reward']:.3f}"),
+                    ("sft", "wall time (s)", f"{result.seconds:.0f}")]
+    examples = [[r["question"], r["answer"], "yes" if r["exact"] else "no"] for r in sft["rows"][:6]]
+    ctx["sections"].append("\n".join([
+        "## SFT: base model (3-shot prompt) vs SFT model, held-out characters", "",
+        md_table(["metric", "base, 3-shot", "SFT"], [[k, base[k], sft[k]] for k in keys]), "",
+        f"{stats['train_examples']} training chats ({stats['dropped_too_long']} dropped as too long), "
+        f"{result.step} steps. Greedy answers of the SFT model:", "",
+        md_table(["question", "answer", "exact"], examples), "",
+        "![SFT loss](sft/loss_curve.png)"]))
+
+
+def stage_sft_experiments(ctx: Ctx) -> None:
+    """Data size (16, 64, 256, all chats) and the masking ablation (loss on all tokens)."""
+    from minillm.cli import stage_train_config
+    from minillm.finetune import run_sft
+    from minillm.plots import plot_series
+
+    cfg = stage_train_config(ctx["args"], "sft")
+    test = read_jsonl_rows(ctx["data"] / "sft_test.jsonl")
+    t0 = time.perf_counter()
+    rows, sizes, ems = [], [], []
+    for n in SFT_DATA_SIZES:
+        out = ctx["out"] / "sft_experiments" / f"n{n}"
+        run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", out, cfg, limit=n, progress=False)
+        r = _sft_eval(out, test)
+        rows.append([f"{n} chats", r["exact_match"], r["refusal_accuracy"], r["gold_reward"]])
+        sizes.append(n)
+        ems.append(r["exact_match"])
+    full = ctx["summary"]["sft"]["sft"]
+    n_all = ctx["summary"]["sft"]["stats"]["train_examples"]
+    rows.append([f"all ({n_all} chats)", full["exact_match"], full["refusal_accuracy"], full["gold_reward"]])
+    sizes.append(n_all)
+    ems.append(full["exact_match"])
+    out = ctx["out"] / "sft_experiments" / "loss_on_all"
+    run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", out, cfg, loss_on="all", progress=False)
+    r = _sft_eval(out, test)
+    rows.append(["all chats, loss on every token", r["exact_match"], r["refusal_accuracy"], r["gold_reward"]])
+    plot_series(sizes, {"held-out exact match": ems}, ctx["out"] / "sft_experiments" / "data_size.png",
+                xlabel="SFT chats", title="SFT data size", logx=True)
+    ctx["timings"]["sft_experiments"] = time.perf_counter() - t0
+    ctx["summary"]["sft_experiments"] = rows
+    ctx["sections"].append("\n".join([
+        "## SFT experiments: data size and loss masking", "",
+        md_table(["SFT data", "held-out exact match", "refusal accuracy", "mean gold reward"], rows), "",
+        "![data size](sft_experiments/data_size.png)"]))
+
+
+STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
+    ("pretrain", stage_pretrain),
+    ("base_eval", stage_base_eval),
+    ("sft", stage_sft),
+    ("sft_experiments", stage_sft_experiments),
+]
 
 
 def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    from minillm.cli import resolve_configs
-    from minillm.eval.task import fact_completion_accuracy
-    from minillm.pretrain import pretrain
+    from minillm.config import get_preset
     from minillm.utils import pick_device
 
     t_total = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
     ensure_world(data, args.seed_world)
-    timings["world"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    from minillm.config import get_preset
-
-    tok, _ = ensure_tokenizer(Path(args.tokenizer), data / "corpus_train.txt", get_preset(args.preset).vocab_size)
-    timings["tokenizer"] = time.perf_counter() - t0
-
-    model_cfg, train_cfg = resolve_configs(args, tok.vocab_size)
-    print(f"[pretrain] preset {args.preset}: {model_cfg}")
-    model, result = pretrain(tok, data / "corpus_train.txt", data / "corpus_val.txt", model_cfg, train_cfg,
-                             out / "base")
-    timings["pretrain"] = result.seconds
-
-    t0 = time.perf_counter()
-    model.eval()
-    samples = run_samples(model, tok)
-    timings["samples"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    ppl = validation_perplexity(model, tok, data / "corpus_val.txt")
-    timings["perplexity"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    probes = [json.loads(line) for line in (data / "probes.jsonl").read_text().splitlines() if line.strip()]
-    facts = fact_completion_accuracy(model, tok, probes)
-    timings["fact_completion"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_total
-
-    summary = {
-        "preset": args.preset,
-        "device": str(pick_device(train_cfg.device)),
-        "model": asdict(model_cfg),
-        "parameters": model.num_parameters(),
-        "pretrain": {"steps": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss,
-                     "seconds": result.seconds, "tokens_per_s": result.tokens_per_s},
-        "val_perplexity": ppl,
-        "fact_completion": {k: v for k, v in facts.items() if k != "rows"},
-        "timings_s": timings,
-    }
-    write_json(out / "summary.json", summary)
-    write_json(out / "fact_completion.json", facts["rows"])
-    atomic_write_text(out / "report.md", render_report(summary, samples, facts))
-    print(f"[pipeline] done in {timings['total']:.0f}s: report at {out / 'report.md'}")
-    return summary
+    tok = ensure_tokenizer(Path(args.tokenizer), data / "corpus_train.txt", get_preset(args.preset).vocab_size)
+    ctx: Ctx = {"args": args, "out": out, "data": data, "tok": tok, "runs": {}, "card": [], "sections": [],
+                "summary": {"preset": args.preset, "device": str(pick_device(args.__dict__.get("TrainConfig.device")
+                                                                            or "auto"))},
+                "timings": {"world+tokenizer": time.perf_counter() - t_total}}
+    skip = set(args.skip or [])
+    for name, stage in STAGES:
+        if name in skip:
+            continue
+        t0 = time.perf_counter()
+        stage(ctx)
+        ctx["timings"].setdefault(name, time.perf_counter() - t0)
+        ctx["timings"][name + " (with evaluation)"] = time.perf_counter() - t0
+        write_report(ctx)  # after every stage, so a long run shows progress
+    ctx["timings"]["total"] = time.perf_counter() - t_total
+    write_report(ctx)
+    print(f"[pipeline] done in {ctx['timings']['total']:.0f}s: report at {out / 'report.md'}")
+    return ctx["summary"]
 
 
-def render_report(summary: dict[str, Any], samples: list[dict[str, str]], facts: dict[str, Any]) -> str:
-    p, ppl, fc, t = summary["pretrain"], summary["val_perplexity"], summary["fact_completion"], summary["timings_s"]
-    m = summary["model"]
-    lines = [
-        "# minillm pipeline report",
-        "",
-        f"Preset `{summary['preset']}` on `{summary['device']}`: {m['n_layer']} layers, {m['n_head']} heads, "
-        f"{m['n_embd']} wide, context {m['block_size']}, vocabulary {m['vocab_size']} "
-        f"({summary['parameters']:,} parameters).",
-        "",
-        "## Report card",
-        "",
-        "| stage | metric | value |",
-        "| --- | --- | --- |",
-        f"| pretrain | steps | {p['steps']} |",
-        f"| pretrain | final train loss | {p['train_loss']:.4f} |",
-        f"| pretrain | final validation loss | {p['val_loss']:.4f} |",
-        f"| pretrain | tokens/s | {p['tokens_per_s']:,.0f} |",
-        f"| base model | validation perplexity (sliding window) | {ppl['ppl']:.3f} over {ppl['n_tokens']:,} tokens |",
-        f"| base model | fact completion, held-out phrasing (greedy) | {fc['accuracy']:.3f} of {fc['n']} probes |",
-        "",
-        "Fact completion by attribute: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in fc["per_attribute"].items()),
-        "",
-        "![pretraining loss](base/loss_curve.png)",
-        "",
-        "## Samples from the base model",
-        "",
-        "| prompt | greedy | sampled (T=0.8, top-k 50) |",
-        "| --- | --- | --- |",
-    ]
-    for s in samples:
-        cell = [s["prompt"], s["greedy"], s["sampled"]]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cell) + " |")
-    wrong = [r for r in facts["rows"] if not r["correct"]][:8]
-    if wrong:
-        lines += ["", "## Some fact completions it got wrong", "", "| prompt | answer | completion |",
-                  "| --- | --- | --- |"]
-        lines += [f"| {r['prompt']} | {r['answer']} | {r['completion'].strip()} |" for r in wrong]
-    lines += ["", "## Time per stage (seconds)", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
-    return "\n".join(lines) + "\n"
+def write_report(ctx: Ctx) -> None:
+    s = ctx["summary"]
+    m = s.get("model")
+    lines = ["# minillm pipeline report", ""]
+    if m:
+        lines += [f"Preset `{s['preset']}` on `{s['device']}`: {m['n_layer']} layers, {m['n_head']} heads, "
+                  f"{m['n_embd']} wide, context {m['block_size']}, vocabulary {m['vocab_size']} "
+                  f"({s['parameters']:,} parameters).", ""]
+    lines += ["## Report card", "", md_table(["stage", "metric", "value"], [list(r) for r in ctx["card"]]), ""]
+    lines += [sec + "\n" for sec in ctx["sections"]]
+    lines += ["## Time per stage (seconds)", "",
+              md_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in ctx["timings"].items()])]
+    write_json(ctx["out"] / "summary.json", {**s, "timings_s": ctx["timings"], "card": ctx["card"]})
+    atomic_write_text(ctx["out"] / "report.md", "\n".join(lines) + "\n")

@@ -36,3 +36,26 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     plt.close(fig)
     tmp.replace(png_path)
     return png_path
+
+
+def plot_series(x: list[float], series: dict[str, list[float]], png_path: str | Path, xlabel: str = "",
+                ylabel: str = "", title: str = "", logx: bool = False) -> Path:
+    """One line per named series over shared x values."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, ys in series.items():
+        ax.plot(x, ys, "o-", label=name)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path
