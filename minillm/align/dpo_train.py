@@ -1,0 +1,455 @@
+"""The DPO stage: train the SFT policy directly on preference pairs (Rafailov et al., 2023).
+
+RLHF maximises reward while staying close to the reference policy pi_ref (the SFT model):
+
+    max_pi  E_{x, y ~ pi} [ r(x, y) ] - beta KL( pi(.|x) || pi_ref(.|x) )
+    =>      pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x)                              (closed form)
+    <=>     r(x, y) = beta log pi*(y|x) / pi_ref(y|x) + beta log Z(x)
+
+Put that reward into the Bradley-Terry likelihood: Z(x) cancels in r_w - r_l, leaving a loss on the policy alone,
+
+    L_DPO = -log sigma( beta [log pi(y_w|x) - log pi_ref(y_w|x)] - beta [log pi(y_l|x) - log pi_ref(y_l|x)] )
+
+(`minillm.align.dpo.dpo_loss`, with its variants: cDPO, robust, hinge, IPO). This module wires it:
+log pi(y|x) is `sequence_logprobs` over the response tokens, chosen and rejected in one concatenated batch;
+the reference is a frozen copy of the SFT model or, with a PEFT method, the same model with its adapters
+disabled (`minillm.peft.apply.disable_adapters`); reference log-probs are computed once per pair before
+training (TRL's `precompute_ref_log_probs`, on by default here), since pi_ref never changes.
+Metrics are TRL's (`dpo_metrics`: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+logps/chosen, logps/rejected), averaged per logging window into metrics.jsonl.
+
+A DPO run directory is a normal run (config.json, ckpt.pt, tokenizer/, adapter.pt with PEFT), loadable with
+`minillm.pretrain.load_run`, plus eval.json when a held-out preference file was given.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from minillm.align.dpo import DPO_LOSS_TYPES, _check_hyperparameters as check_dpo_hyperparameters
+from minillm.align.dpo import dpo_loss, dpo_metrics
+from minillm.align.logprobs import sequence_logprobs
+from minillm.align.preferences import (
+    BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair, encode_preferences,
+    load_plain_run, pair_batches, read_preferences, split_pairs,
+)
+from minillm.config import TrainConfig, get_preset, override
+from minillm.train import CKPT_NAME, TrainResult, run_config_dict, train
+from minillm.utils import autocast_dtype, pick_device, safe_torch_load, write_json
+
+__all__ = [
+    "DPO_TRAIN_CONFIGS", "dpo_train_config", "concatenated_logps", "reference_logps", "precompute_reference_logps",
+    "dpo_loss_fn", "evaluate_dpo", "reward_and_kl", "run_dpo", "add_dpo_command", "cmd_dpo", "pipeline_dpo",
+]
+
+# Used until config.Preset has a `dpo` field (then that one wins). DPO moves a model that already produces the
+# chosen answers, so the step is small: TRL defaults to lr 1e-6 for billion-parameter models; our small SFT models
+# need more to move in ~100 steps (lesson 6 measures the choice). weight_decay 0 as TRL.
+DPO_TRAIN_CONFIGS: dict[str, TrainConfig] = {
+    "tiny": TrainConfig(max_steps=30, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=3, weight_decay=0.0,
+                        eval_interval=15, eval_iters=2, log_interval=5),
+    "cpu": TrainConfig(max_steps=100, batch_size=32, lr=2e-5, min_lr=2e-6, warmup_steps=10, weight_decay=0.0,
+                       eval_interval=50, eval_iters=2, log_interval=10),
+    "gpu": TrainConfig(max_steps=300, batch_size=32, lr=5e-6, min_lr=5e-7, warmup_steps=30, weight_decay=0.0,
+                       eval_interval=100, eval_iters=8, log_interval=10),
+}
+
+
+def dpo_train_config(preset: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The preset's DPO TrainConfig (config.Preset.dpo if it exists, else DPO_TRAIN_CONFIGS)."""
+    cfg = getattr(get_preset(preset), "dpo", None) or DPO_TRAIN_CONFIGS[preset]
+    return override(cfg, overrides or {})
+
+
+# ------------------------------------------------------------------------------------ log-probs
+def concatenated_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y_w|x), log pi(y_l|x)), each (B,), from ONE forward pass over the 2B rows [chosen; rejected].
+
+    Summed over response tokens (average=False, DPO) or their per-token mean (average=True, IPO in TRL).
+    """
+    logps = sequence_logprobs(model, batch["input_ids"], batch["loss_mask"], batch["attention_mask"],
+                              average=average)  # (2B,)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, reference: nn.Module | None, batch: dict[str, torch.Tensor],
+                    average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) without gradient; reference=None means `model` with adapters off."""
+    if reference is not None:
+        return concatenated_logps(reference, batch, average)
+    from minillm.peft.apply import disable_adapters
+
+    with disable_adapters(model):
+        return concatenated_logps(model, batch, average)
+
+
+@torch.no_grad()
+def precompute_reference_logps(model: nn.Module, reference: nn.Module | None, pairs: list[EncodedPair], pad_id: int,
+                               average: bool = False, batch_size: int = 32, amp_dtype: torch.dtype | None = None
+                               ) -> torch.Tensor:
+    """log pi_ref of every pair once, before training: a (N, 2) fp32 CPU table, column 0 chosen, 1 rejected.
+
+    amp_dtype: the autocast dtype training will use, so the reference is computed at the same precision.
+    """
+    net = reference if reference is not None else model
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad_id).items()}
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        with ctx:
+            c, r = reference_logps(model, reference, batch, average)
+        out.append(torch.stack([c, r], dim=1).float().cpu())  # (b, 2)
+    net.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def _with_reference(get_batch: Callable, table: torch.Tensor) -> Callable:
+    """Add the precomputed reference log-probs of the drawn pairs to each batch, as "ref_logps" (2B,)."""
+
+    def get(split: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = get_batch(split, gen)
+        idx = batch["index"]  # (B,)
+        batch["ref_logps"] = torch.cat([table[idx, 0], table[idx, 1]])  # (2B,) [chosen; rejected]
+        return batch
+
+    return get
+
+
+# ------------------------------------------------------------------------------------ the loss
+def dpo_loss_fn(reference: nn.Module | None, beta: float = 0.1, loss_type: str = "sigmoid",
+                label_smoothing: float = 0.0, average: bool = False, log: BatchMetricLog | None = None):
+    """loss_fn(model, batch) -> (sum of per-pair DPO losses, B) for `minillm.train`.
+
+    The reference log-probs come from batch["ref_logps"] when precomputed, else from `reference`
+    (None: the model with its adapters disabled), under no_grad either way.
+    """
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        pi_w, pi_l = concatenated_logps(model, batch, average)  # (B,), (B,)
+        if "ref_logps" in batch:
+            ref_w, ref_l = batch["ref_logps"].to(pi_w.dtype).chunk(2)
+        else:
+            ref_w, ref_l = reference_logps(model, reference, batch, average)
+        losses, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w.to(pi_w.dtype), ref_l.to(pi_w.dtype), beta=beta,
+                                    loss_type=loss_type, label_smoothing=label_smoothing)
+        if log is not None:
+            log.record(model.training, dpo_metrics(r_w, r_l, pi_w, pi_l))
+        return losses.sum(), losses.shape[0]
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate_dpo(policy: nn.Module, reference: nn.Module | None, tokenizer, pairs: list[PreferencePair],
+                 beta: float = 0.1, average: bool = False, batch_size: int = 32) -> dict[str, Any]:
+    """Implicit-reward accuracy on pairs: mean[r_w > r_l] with r = beta (log pi(y|x) - log pi_ref(y|x)),
+    overall and per `rejected_kind`, with the mean rewards, margin and log-probs (TRL's names)."""
+    block = policy.config.block_size if hasattr(policy, "config") else None
+    kept, encoded = [], []
+    for p in pairs:
+        e = encode_pair(tokenizer, p)
+        if block is None or max(len(e.chosen_ids), len(e.rejected_ids)) <= block:
+            kept.append(p)
+            encoded.append(e)
+    if not encoded:
+        raise ValueError("evaluate_dpo: every pair is longer than the context")
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    pi, ref = [], []
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(encoded[start:start + batch_size], tokenizer.pad_id).items()}
+        pi.append(torch.stack(concatenated_logps(policy, batch, average), dim=1).float().cpu())  # (b, 2)
+        ref.append(torch.stack(reference_logps(policy, reference, batch, average), dim=1).float().cpu())
+    policy.train(was_training)
+    pi_t, ref_t = torch.cat(pi), torch.cat(ref)  # (N, 2)
+    r_w, r_l = beta * (pi_t[:, 0] - ref_t[:, 0]), beta * (pi_t[:, 1] - ref_t[:, 1])  # (N,)
+    by_kind: dict[str, list[bool]] = {}
+    for p, correct in zip(kept, (r_w > r_l).tolist()):
+        by_kind.setdefault(str(p.meta.get("rejected_kind", "all")), []).append(correct)
+    return {
+        "n": len(encoded),
+        **dpo_metrics(r_w, r_l, pi_t[:, 0], pi_t[:, 1]),
+        "per_kind_accuracy": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+    }
+
+
+@torch.no_grad()
+def reward_and_kl(policy: nn.Module, reference: nn.Module | None, tokenizer, prompts: list[str],
+                  n_samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
+                  reward_fn: Callable[[str, str], float] | None = None) -> dict[str, float]:
+    """Monte-Carlo estimates over y ~ pi(.|x) (temperature 1 samples pi exactly):
+
+        KL(pi || pi_ref) = E_y [ log pi(y|x) - log pi_ref(y|x) ]   (sequence level; Schulman's k1 estimator)
+        reward           = E_y [ reward_fn(x, y) ]                  (default: the world's gold reward)
+
+    y includes the closing <|end|> when the policy emitted it within max_new_tokens. Returns
+    {"kl", "reward", "response_tokens", "n"}; the pair (kl, reward) is one point of the DPO paper's frontier.
+    """
+    from minillm.sampling import generate_completions
+    from minillm.world import gold_reward
+
+    reward_fn = reward_fn or gold_reward
+    device = next(policy.parameters()).device
+    xs = [x for x in prompts for _ in range(n_samples)]
+    prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True)[0]
+                  for x in xs]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    outs = generate_completions(policy, prompt_ids, max_new_tokens, eos_id=tokenizer.end_id,
+                                temperature=temperature, generator=gen)
+    block = policy.config.block_size if hasattr(policy, "config") else 10**9
+    seqs, masks, rewards, lengths = [], [], [], []
+    for x, p, y in zip(xs, prompt_ids, outs):
+        y_scored = y + [tokenizer.end_id] if len(y) < max_new_tokens else y  # it stopped: <|end|> was sampled
+        if not y_scored or len(p) + len(y_scored) > block:
+            continue
+        seqs.append(p + y_scored)
+        masks.append([0] * len(p) + [1] * len(y_scored))
+        rewards.append(reward_fn(x, tokenizer.decode(y)))
+        lengths.append(len(y_scored))
+    if not seqs:
+        raise ValueError("reward_and_kl: no sample fits the context")
+    kl = []
+    was_training = policy.training
+    policy.eval()
+    for start in range(0, len(seqs), 64):
+        chunk_s, chunk_m = seqs[start:start + 64], masks[start:start + 64]
+        T = max(len(s) for s in chunk_s)
+        ids = torch.full((len(chunk_s), T), tokenizer.pad_id, dtype=torch.long)  # (b, T), right-padded
+        attn = torch.zeros_like(ids)
+        loss_mask = torch.zeros_like(ids)
+        for i, (s, m) in enumerate(zip(chunk_s, chunk_m)):
+            ids[i, : len(s)], attn[i, : len(s)], loss_mask[i, : len(s)] = torch.tensor(s), 1, torch.tensor(m)
+        batch = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
+        pi = sequence_logprobs(policy, batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
+        if reference is None:
+            from minillm.peft.apply import disable_adapters
+
+            with disable_adapters(policy):
+                ref = sequence_logprobs(policy, batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
+        else:
+            ref = sequence_logprobs(reference, batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
+        kl.append((pi - ref).float().cpu())
+    policy.train(was_training)
+    kl_t = torch.cat(kl)
+    return {"kl": float(kl_t.mean()), "reward": sum(rewards) / len(rewards),
+            "response_tokens": sum(lengths) / len(lengths), "n": len(seqs)}
+
+
+# ------------------------------------------------------------------------------------ the stage
+def _reference_for(model: nn.Module, peft: dict[str, Any] | None) -> nn.Module | None:
+    """A frozen copy of the SFT model; None (= adapters disabled) when a PEFT method keeps the base frozen."""
+    if peft and peft["method"] not in ("last_k", "bitfit"):  # those two train base weights: no "adapters off"
+        return None
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def run_dpo(
+    init: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    train_cfg: TrainConfig,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_logps: bool | None = None,
+    precompute_ref: bool = True,
+    peft: dict[str, Any] | None = None,
+    val_fraction: float = 0.05,
+    test: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[nn.Module, TrainResult, dict[str, Any]]:
+    """DPO from the run in `init` (the SFT policy, also the reference) on the pairs in `data`; writes a run to `out`.
+
+    average_logps=None picks TRL's convention: per-token average log-probs for IPO, sums otherwise.
+    With `test`, evaluates the implicit-reward accuracy there (eval.json). Returns (policy, result, stats).
+    """
+    check_dpo_hyperparameters(beta, loss_type, label_smoothing)
+    average = (loss_type == "ipo") if average_logps is None else bool(average_logps)
+    if test is not None and not Path(test).exists():
+        raise FileNotFoundError(f"{test}: file not found")
+    model, tok, base_cfg = load_plain_run(init)
+    block = model.config.block_size
+    pairs, read_stats = read_preferences(data)
+    if read_stats["identical_skipped"]:
+        print(f"[dpo] skipped {read_stats['identical_skipped']} pairs whose chosen equals rejected")
+    train_pairs, val_pairs = split_pairs(pairs, val_fraction, train_cfg.seed)
+    train_enc, dropped = encode_preferences(tok, train_pairs, block)
+    val_enc, dropped_val = encode_preferences(tok, val_pairs, block)
+    if dropped + dropped_val:
+        print(f"[dpo] dropped {dropped + dropped_val} pairs longer than block_size = {block} tokens")
+
+    from minillm.pretrain import apply_peft_spec, save_run_files
+
+    model = disable_dropout(apply_peft_spec(disable_dropout(model), peft))
+    reference = _reference_for(model, peft)
+    device = pick_device(train_cfg.device)
+    model.to(device)
+    train_get = pair_batches(train_enc, train_cfg.batch_size, tok.pad_id)
+    val_get = pair_batches(val_enc, train_cfg.batch_size, tok.pad_id) if val_enc else None
+    if precompute_ref:
+        if reference is not None:
+            reference.to(device)
+        amp = autocast_dtype(device) if train_cfg.dtype == "auto" else None
+        train_get = _with_reference(train_get, precompute_reference_logps(model, reference, train_enc, tok.pad_id,
+                                                                          average, amp_dtype=amp))
+        if val_get is not None:
+            val_get = _with_reference(val_get, precompute_reference_logps(model, reference, val_enc, tok.pad_id,
+                                                                          average, amp_dtype=amp))
+        reference = None if reference is None else reference.cpu()  # not needed while training
+
+    def get_batch(split: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return train_get(split, gen) if split == "train" else val_get(split, gen)
+
+    hyper = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing, "average_logps": average,
+             "precompute_ref": precompute_ref}
+    stats = {**read_stats, "dropped_too_long": dropped + dropped_val, "train_pairs": len(train_enc),
+             "val_pairs": len(val_enc)}
+    run_config = run_config_dict(stage="dpo", model=base_cfg["model"], train=train_cfg, peft=peft, dpo=hyper,
+                                 init=str(init), data=str(data), stats=stats)
+    out = Path(out)
+    save_run_files(out, tok, run_config)
+    first_step = int(safe_torch_load(out / CKPT_NAME)["step"]) if resume and (out / CKPT_NAME).exists() else 0
+    log = BatchMetricLog()
+    if not precompute_ref and reference is not None:
+        reference.to(device)
+    loss_fn = dpo_loss_fn(reference, beta, loss_type, label_smoothing, average, log)
+    result = train(model, train_cfg, get_batch, loss_fn, out, resume=resume, run_config=run_config,
+                   desc="dpo" if not peft else f"dpo[{peft['method']}]", has_val=val_get is not None,
+                   progress=progress)
+    log.merge_into(out / "metrics.jsonl", train_cfg.grad_accum, train_cfg.eval_iters, first_step)
+    if peft:
+        from minillm.peft.apply import save_adapter
+
+        save_adapter(model, out / "adapter.pt")
+    if test is not None:
+        if reference is not None:
+            reference.to(device)
+        test_pairs, _ = read_preferences(test)
+        ev = evaluate_dpo(model, reference, tok, test_pairs, beta, average)
+        write_json(out / "eval.json", {"data": str(test), **ev})
+        stats.update(test_accuracy=ev["rewards/accuracies"], test_margin=ev["rewards/margins"],
+                     test_per_kind_accuracy=ev["per_kind_accuracy"])
+    return model.eval(), result, stats
+
+
+# ------------------------------------------------------------------------------------ command line
+def _beta(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"beta must be a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"beta must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _label_smoothing(text: str) -> float:
+    """argparse type: a number in [0, 0.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"label_smoothing must be a number in [0, 0.5), got {text!r}") from None
+    if not 0.0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"label_smoothing must be in [0, 0.5), got {text!r}")
+    return value
+
+
+def add_dpo_command(subparsers: argparse._SubParsersAction) -> None:
+    """`python -m minillm dpo`: Direct Preference Optimization of an SFT run."""
+    from minillm.cli import DEFAULT_DATA, add_dataclass_flags, add_peft_flags
+    from minillm.config import PRESETS
+
+    p = subparsers.add_parser(
+        "dpo", help="Direct Preference Optimization (and IPO, cDPO, robust, hinge) of an SFT run",
+        description="Train the policy on prompt/chosen/rejected pairs with -log sigma(beta h), "
+                    "h = log pi/pi_ref(y_w) - log pi/pi_ref(y_l); the reference is the --init model "
+                    "(a frozen copy, or the same model with adapters disabled under --peft).")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named configuration (default: cpu)")
+    add_dataclass_flags(p, TrainConfig)
+    add_peft_flags(p)
+    p.add_argument("--init", default="runs/sft", help="run directory of the SFT policy (also the reference)")
+    p.add_argument("--data", default=f"{DEFAULT_DATA}/prefs_train.jsonl",
+                   help="preference JSONL: prompt, chosen, rejected")
+    p.add_argument("--test", default=f"{DEFAULT_DATA}/prefs_test.jsonl",
+                   help="held-out preference JSONL for the implicit-reward accuracy ('' to skip)")
+    p.add_argument("--out", default="runs/dpo")
+    p.add_argument("--beta", type=_beta, default=0.1, help="KL strength beta (tau for IPO); default 0.1 (TRL)")
+    p.add_argument("--loss-type", choices=DPO_LOSS_TYPES, default="sigmoid",
+                   help="per-pair loss (default sigmoid = DPO)")
+    p.add_argument("--label-smoothing", type=_label_smoothing, default=0.0,
+                   help="assumed label-flip rate eps in [0, 0.5), for sigmoid (cDPO) and robust")
+    p.add_argument("--average-logps", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-token average log-probs instead of sums (default: average for ipo only, as TRL)")
+    p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute the reference log-probs once before training (default on)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held out of --data for the validation loss")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.set_defaults(func=cmd_dpo)
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from minillm.cli import collect_overrides, peft_spec
+
+    check_dpo_hyperparameters(args.beta, args.loss_type, args.label_smoothing)  # before any loading
+    cfg = dpo_train_config(args.preset, collect_overrides(args, TrainConfig))
+    _, result, stats = run_dpo(args.init, args.data, args.out, cfg, beta=args.beta, loss_type=args.loss_type,
+                               label_smoothing=args.label_smoothing, average_logps=args.average_logps,
+                               precompute_ref=args.precompute_ref, peft=peft_spec(args),
+                               val_fraction=args.val_fraction, test=args.test or None, resume=args.resume)
+    print(json.dumps({**asdict(result), **stats}, indent=2))
+
+
+# ------------------------------------------------------------------------------------ pipeline
+def pipeline_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The DPO stage of the main job; returns report rows (metric -> value).
+
+    ctx: "preset", "data" (world data dir), "out" (pipeline dir), "sft" (SFT run dir); optional "progress".
+    Writes the run to ctx["out"]/dpo. Rows: greedy gold reward and exact match on sft_test for SFT and DPO,
+    the implicit-reward accuracy on prefs_test, and the sampled gold reward and KL(pi || pi_ref) of DPO.
+    """
+    from minillm.eval.task import evaluate_instructions
+    from minillm.pretrain import load_run
+
+    data, out = Path(ctx["data"]), Path(ctx["out"])
+    cfg = dpo_train_config(ctx["preset"])
+    records = [json.loads(line) for line in (data / "sft_test.jsonl").read_text().splitlines() if line.strip()]
+    sft, tok, _ = load_plain_run(ctx["sft"], device=cfg.device)
+    sft_eval = evaluate_instructions(sft, tok, records)
+    policy, result, stats = run_dpo(ctx["sft"], data / "prefs_train.jsonl", out / "dpo", cfg,
+                                    test=data / "prefs_test.jsonl", progress=ctx.get("progress", True))
+    policy, _, _ = load_run(out / "dpo", device=cfg.device)
+    dpo_eval = evaluate_instructions(policy, tok, records)
+    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
+    sampled = reward_and_kl(policy, sft, tok, prompts, n_samples=2)
+    return {
+        "SFT: gold reward (greedy, sft_test)": sft_eval["gold_reward"],
+        "SFT: exact match (greedy, sft_test)": sft_eval["exact_match"],
+        "DPO: gold reward (greedy, sft_test)": dpo_eval["gold_reward"],
+        "DPO: exact match (greedy, sft_test)": dpo_eval["exact_match"],
+        "DPO: implicit-reward accuracy (prefs_test)": stats["test_accuracy"],
+        "DPO: gold reward of samples (T=1)": sampled["reward"],
+        "DPO: KL(pi || pi_ref) per response (T=1)": sampled["kl"],
+        "DPO: train seconds": result.seconds,
+    }
