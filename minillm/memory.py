@@ -100,7 +100,8 @@ def optimizer_state_bytes(model_or_optimizer: nn.Module | torch.optim.Optimizer,
         return _predicted_state_bytes(model_or_optimizer.parameters(), optimizer)
     if not isinstance(model_or_optimizer, torch.optim.Optimizer):
         raise TypeError(
-            f"optimizer_state_bytes: expected an nn.Module or torch.optim.Optimizer, got {type(model_or_optimizer).__name__}"
+            "optimizer_state_bytes: expected an nn.Module or torch.optim.Optimizer, "
+            f"got {type(model_or_optimizer).__name__}"
         )
     opt = model_or_optimizer
     if opt.state:
@@ -111,7 +112,9 @@ def optimizer_state_bytes(model_or_optimizer: nn.Module | torch.optim.Optimizer,
     elif isinstance(opt, torch.optim.SGD):
         kind = "sgd_momentum" if any(g.get("momentum", 0) for g in opt.param_groups) else "sgd"
     else:
-        raise ValueError(f"optimizer_state_bytes: cannot predict the state of {type(opt).__name__} before its first step")
+        raise ValueError(
+            f"optimizer_state_bytes: cannot predict the state of {type(opt).__name__} before its first step"
+        )
     return _predicted_state_bytes(params, kind)
 
 

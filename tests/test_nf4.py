@@ -310,3 +310,10 @@ def test_cuda_matches_cpu():
     assert q_gpu.packed.device.type == "cuda"
     assert torch.equal(q_gpu.packed.cpu(), q_cpu.packed)
     assert torch.equal(dequantize_4bit(q_gpu).cpu(), dequantize_4bit(q_cpu))
+
+
+def test_dequantize_with_mismatched_double_quant_scales():
+    q = quantize_4bit(torch.randn(600, 64))  # 600 blocks -> 3 scales of 256 blocks
+    q.absmax_scale = q.absmax_scale[:2]
+    with pytest.raises(ValueError, match="absmax_scale"):
+        dequantize_4bit(q)

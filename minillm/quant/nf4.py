@@ -41,6 +41,7 @@ __all__ = [
     "dequantize_blockwise",
     "quantize_4bit",
     "dequantize_4bit",
+    "dequantize_absmax",
     "quantization_error",
 ]
 
@@ -93,8 +94,8 @@ def derive_nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
     if not (0.5 < offset < 1.0):
         raise ValueError(f"offset must be in (0.5, 1), got {offset}")
     # probabilities in fp32, quantiles in fp64: the precision path of the reference table
-    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
-    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float32)[:-1].double())
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float32)[:-1].double())
     values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).float().sort().values
     return values / values.max()  # normalised in fp32, as bitsandbytes does, so the table matches bit for bit
 
@@ -108,7 +109,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     Default (signed, 7, 8): 127 negative values, 0, 128 positive (largest 1.0, smallest -0.99296875).
     """
     non_sign_bits = total_bits - 1
-    values = [torch.tensor([0.0, 1.0])]
+    values = [torch.tensor([0.0, 1.0], dtype=torch.float32)]
     for e in range(max_exponent_bits):
         n_fractions = 2 ** (e + non_sign_bits - max_exponent_bits + (0 if signed else 1))
         edges = torch.linspace(0.1, 1, n_fractions + 1, dtype=torch.float32)
@@ -372,7 +373,7 @@ def quantize_4bit(
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     code = get_4bit_code(quant_type).to(w.device)
     q, absmax = quantize_blockwise(w, code, blocksize)
-    zero_code = int(nearest_code_reference(torch.zeros(1, device=w.device), code))  # odd n: pad with the code of 0.0
+    zero_code = int(nearest_code_reference(torch.zeros(1, dtype=code.dtype, device=w.device), code))  # pad odd n
     state = QuantState4bit(
         packed=_pack(q, zero_code),
         code=code,
@@ -409,6 +410,11 @@ def _check_state(q: QuantState4bit) -> None:
         raise ValueError(
             f"q has {got} absmax values, but q.shape {tuple(q.shape)} in blocks of {q.blocksize} needs {n_blocks}"
         )
+    if q.double_quant and q.absmax_scale.numel() != -(-n_blocks // q.dq_blocksize):
+        raise ValueError(
+            f"q.absmax_scale has {q.absmax_scale.numel()} values, but {n_blocks} absmax values in blocks of "
+            f"{q.dq_blocksize} need {-(-n_blocks // q.dq_blocksize)}"
+        )
 
 
 def dequantize_absmax(q: QuantState4bit) -> torch.Tensor:
@@ -425,7 +431,7 @@ def dequantize_4bit(q: QuantState4bit, dtype: torch.dtype | None = None) -> torc
     absmax = dequantize_absmax(q)  # (n_blocks,)
     n_blocks, n_bytes = absmax.numel(), q.packed.numel()
     pairs = _byte_table(q.code.to(q.packed.device))  # (256, 2)
-    flat = torch.empty(max(n_blocks * blocksize, 2 * n_bytes), device=q.packed.device)
+    flat = torch.empty(max(n_blocks * blocksize, 2 * n_bytes), dtype=torch.float32, device=q.packed.device)
     flat[2 * n_bytes :] = 0  # padding of a partial last block
     out = flat[: n_blocks * blocksize].view(n_blocks, blocksize)
     step = _blocks_per_chunk(blocksize)
@@ -445,6 +451,8 @@ def quantization_error(
     int4 is the symmetric absmax baseline: w ~= round(7 w / absmax) * absmax / 7.
     """
     _check_tensor(w, "w")
+    if quant_type not in QUANT_TYPES + ("int4",):
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES + ('int4',)}, got {quant_type!r}")
     if quant_type == "int4":
         q, absmax = quantize_blockwise(w, INT4_CODE, blocksize)
         w_hat = dequantize_blockwise(q, absmax, INT4_CODE, blocksize).view(w.shape)

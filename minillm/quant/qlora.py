@@ -84,10 +84,15 @@ class Linear4bit(nn.Module):
                 f"Linear4bit: expected an nn.Linear or a weight tensor, got {type(linear_or_weight).__name__}"
             )
         if weight.dim() != 2:
-            raise ValueError(f"Linear4bit: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+            raise ValueError(
+                f"Linear4bit: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+            )
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"Linear4bit: bias shape {tuple(bias.shape)} does not match out_features {weight.shape[0]}")
-        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+            raise ValueError(
+                f"Linear4bit: bias shape {tuple(bias.shape)} does not match out_features {weight.shape[0]}"
+            )
+        floating = isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+        if compute_dtype is not None and not floating:
             raise TypeError(f"Linear4bit: compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
         self._set_state(quantize_4bit(weight.detach(), blocksize, quant_type, double_quant))
