@@ -162,3 +162,13 @@ def test_bad_input():
     model = small_model()
     with pytest.raises(ValueError, match="cannot predict"):
         optimizer_state_bytes(torch.optim.RMSprop(model.parameters()))
+
+
+def test_command_line_prints_every_preset(monkeypatch, capsys):
+    from minillm import memory
+
+    monkeypatch.setattr("sys.argv", ["memory", "--lora-r", "4", "--gpu-gib", "24"])
+    memory.main()
+    out = capsys.readouterr().out
+    assert all(name in out for name in MODEL_PRESETS)
+    assert "fits 24 GiB" in out and "LoRA r=4" in out
