@@ -41,7 +41,8 @@ def main() -> None:
     def step() -> None:
         batch = random_windows(data, tcfg.batch_size, cfg.block_size, gen)
         loss_sum, n = lm_loss(model, batch)
-        (loss_sum / n).backward()
+        loss_sum.backward()
+        torch._foreach_mul_([p.grad for p in params], 1.0 / n)  # as minillm.train does
         torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
