@@ -157,6 +157,21 @@ def add_peft_flags(p: argparse.ArgumentParser) -> None:
                    help="any other hyperparameter of the method (value parsed as JSON), e.g. k=2, scale=0.5")
 
 
+def cmd_memory(args: argparse.Namespace) -> None:
+    """Weights / gradients / AdamW state by fine-tuning method, for a preset or a named GPT-2 shape."""
+    from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
+
+    if args.preset in PRESETS:
+        c = get_preset(args.preset).model
+        shape = (c.n_layer, c.n_head, c.n_embd, get_preset(args.preset).vocab_size, c.block_size)
+    else:
+        shape = MODEL_PRESETS[args.preset]
+    n = gpt2_param_count(shape[0], shape[2], shape[3], shape[4])["total"]
+    print(f"{args.preset}: {n / 1e6:,.1f}M parameters (n_layer, n_head, n_embd, vocab, block = {shape})\n")
+    print(format_memory_table(memory_table(*shape, lora_r=args.lora_r, lora_targets=args.lora_targets,
+                                           gpu_gib=args.gpu_gib)))
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from minillm.pipeline import run_pipeline
 
@@ -212,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+    from minillm.align.dpo_train import add_dpo_command
+    from minillm.align.onpolicy import add_pairs_command
+    from minillm.align.rm_train import add_reward_command
+    from minillm.eval.run import add_eval_command
+    from minillm.memory import MODEL_PRESETS
+    from minillm.peft.compare import add_peft_compare_command
+
+    add_reward_command(sub)
+    add_dpo_command(sub)
+    add_pairs_command(sub)
+    add_eval_command(sub)
+    add_peft_compare_command(sub)
+
+    p = sub.add_parser("memory", help="memory table: full fine-tuning vs LoRA vs QLoRA, from the shapes")
+    p.add_argument("--preset", default="gpu", choices=sorted(PRESETS) + sorted(MODEL_PRESETS),
+                   help="a minillm preset or a GPT-2 / 7B shape (default: gpu)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", nargs="+", default=["c_attn"])
+    p.add_argument("--gpu-gib", type=float, default=16.0, help="GPU memory for the 'fits' column")
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("pipeline", help="the main job: every stage in order, a report card at the end")
     add_training_flags(p)
