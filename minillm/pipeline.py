@@ -207,12 +207,62 @@ def stage_sft_experiments(ctx: Ctx) -> None:
         "![data size](sft_experiments/data_size.png)"]))
 
 
+def _stage_ctx(ctx: Ctx) -> dict[str, Any]:
+    """The plain context the alignment stages take: preset, data and output directories, the SFT run."""
+    return {"preset": ctx["args"].preset, "data": ctx["data"], "out": ctx["out"], "sft": ctx["runs"]["sft"]}
+
+
+def _card_rows(ctx: Ctx, stage: str, rows: dict[str, Any]) -> None:
+    ctx["card"] += [(stage, k, f"{v:.3f}" if isinstance(v, float) else v) for k, v in rows.items()]
+    ctx["summary"][stage] = rows
+
+
+def stage_reward(ctx: Ctx) -> None:
+    """Bradley-Terry reward model from the SFT model; accuracy against the gold preferences."""
+    from minillm.align.rm_train import pipeline_reward
+
+    rows = pipeline_reward(_stage_ctx(ctx))
+    ctx["runs"]["rm"] = ctx["out"] / "rm"
+    _card_rows(ctx, "reward", rows)
+    ctx["sections"].append("## Reward model\n\n![reward model calibration](rm/calibration.png)")
+
+
+def stage_dpo(ctx: Ctx) -> None:
+    """DPO from the SFT model on the preference pairs; gold reward and exact match vs SFT."""
+    from minillm.align.dpo_train import pipeline_dpo
+
+    rows = pipeline_dpo(_stage_ctx(ctx))
+    ctx["runs"]["dpo"] = ctx["out"] / "dpo"
+    _card_rows(ctx, "dpo", rows)
+    ctx["sections"].append("## DPO\n\n![DPO loss](dpo/loss_curve.png)")
+
+
+def stage_eval(ctx: Ctx) -> None:
+    """Validation perplexity and world MCQ accuracy of every stage's model."""
+    from minillm.eval.run import pipeline_eval
+
+    per_stage = pipeline_eval({**{k: v for k, v in ctx["runs"].items() if k != "rm"}, "data": ctx["data"]})
+    metrics = sorted({m for rows in per_stage.values() for m in rows})
+    ctx["summary"]["eval"] = per_stage
+    ctx["sections"].append("\n".join([
+        "## Evaluation of every stage's model (validation perplexity, world MCQ test set)", "",
+        md_table(["metric"] + list(per_stage), [[m] + [per_stage[s].get(m, "") for s in per_stage]
+                                                for m in metrics])]))
+
+
 STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
     ("pretrain", stage_pretrain),
     ("base_eval", stage_base_eval),
     ("sft", stage_sft),
     ("sft_experiments", stage_sft_experiments),
+    ("reward", stage_reward),
+    ("dpo", stage_dpo),
+    ("eval", stage_eval),
 ]
+
+
+STAGE_RUN_DIRS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo"}
+RUN_KEYS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo"}
 
 
 def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
@@ -230,8 +280,15 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
                                                                             or "auto"))},
                 "timings": {"world+tokenizer": time.perf_counter() - t_total}}
     skip = set(args.skip or [])
+    unknown = skip - {name for name, _ in STAGES}
+    if unknown:
+        raise ValueError(f"--skip: unknown stage(s) {sorted(unknown)}; stages are {[n for n, _ in STAGES]}")
     for name, stage in STAGES:
         if name in skip:
+            # A skipped training stage reuses the run a previous pipeline left in --out, if any.
+            run_dir = out / STAGE_RUN_DIRS.get(name, name)
+            if name in STAGE_RUN_DIRS and (run_dir / "ckpt.pt").exists():
+                ctx["runs"][RUN_KEYS[name]] = run_dir
             continue
         t0 = time.perf_counter()
         stage(ctx)
