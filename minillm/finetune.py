@@ -55,6 +55,7 @@ def run_sft(
     random.Random(train_cfg.seed).shuffle(examples)
     n_val = max(1, int(len(examples) * val_fraction)) if len(examples) > 20 else 0
     val, train_ex = examples[:n_val], examples[n_val:]
+    n_train = len(train_ex)
     if packing:
         train_ex = pack(train_ex, block)
     train_get = sample_batches(train_ex, train_cfg.batch_size, tok.pad_id)
@@ -64,8 +65,11 @@ def run_sft(
         return train_get(split, gen) if split == "train" else val_get(split, gen)
 
     model = apply_peft_spec(model, peft)
-    stats = {"conversations": len(chats), "dropped_too_long": dropped, "train_examples": len(train_ex),
+    # train_examples counts conversations; with packing, train_rows counts the packed rows they fill
+    stats = {"conversations": len(chats), "dropped_too_long": dropped, "train_examples": n_train,
              "val_examples": len(val), "packing": packing, "loss_on": loss_on}
+    if packing:
+        stats["train_rows"] = len(train_ex)
     run_config = run_config_dict(stage="sft", model=base_cfg["model"], train=train_cfg, peft=peft,
                                  init=str(init), data=str(data), stats=stats)
     out = Path(out)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from minillm.tokenizer import ROLE_TOKENS
+
 IGNORE_INDEX = -100
 
 def shift_for_next_token(ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,28 +137,53 @@ def alpaca_to_messages(record: dict) -> list[dict[str, str]]:
 
 
 def record_to_messages(record: dict, where: str) -> list[dict[str, str]]:
-    """`messages` records pass through; Alpaca records are converted; anything else is an error at `where`."""
+    """`messages` records pass through; Alpaca records are converted; anything else is an error at `where`.
+
+    Every message must be a {role, content} dict with a known role and non-empty text, as
+    `Tokenizer.apply_chat_template` requires; checking here lets the error name the file and line (`where`).
+    A prompt-only chat (no assistant turn) passes; `load_chats` refuses it for training.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: 'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
-            if not isinstance(m["content"], str) or not m["content"].strip():
-                raise ValueError(f"{where}: message {i} ({m.get('role')}) has empty content")
-        return messages
+        return _check_chat(record["messages"], where)
     if all(k in record for k in ALPACA_FIELDS):
         for k in ALPACA_FIELDS:
             if not isinstance(record[k], str) or not record[k].strip():
-                raise ValueError(f"{where}: Alpaca field {k!r} is empty")
+                raise ValueError(f"{where}: Alpaca field {k!r} must be a non-empty string")
+        if not isinstance(record.get("input") or "", str):
+            raise ValueError(f"{where}: Alpaca field 'input' must be a string, got {type(record['input']).__name__}")
         return alpaca_to_messages(record)
     raise ValueError(f"{where}: expected 'messages' or Alpaca fields 'instruction', 'input', 'output'; "
                      f"got fields {sorted(record)}")
 
 
+def _check_chat(messages: object, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
+        if m["role"] not in ROLE_TOKENS:
+            raise ValueError(f"{where}: message {i} has unknown role {m['role']!r}; use one of {list(ROLE_TOKENS)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{where}: message {i} ({m['role']}) content must be a string, "
+                             f"got {type(m['content']).__name__}")
+        if not m["content"].strip():
+            raise ValueError(f"{where}: message {i} ({m['role']}) has empty content")
+    return messages
+
+
+def _trainable(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the conversation has no assistant turn, so there is nothing to train on")
+    return messages
+
+
 def load_chats(path: str | os.PathLike) -> list[list[dict[str, str]]]:
-    """Conversations from JSONL (one record per line) or JSON (a list of records), messages or Alpaca."""
+    """Training conversations from JSONL (one record per line) or JSON (a list of records), messages or Alpaca.
+
+    Each must hold at least one assistant turn; errors name the file and line (JSONL) or record (JSON)."""
     from minillm.datasets import read_jsonl
 
     path = Path(path)
@@ -169,9 +196,10 @@ def load_chats(path: str | os.PathLike) -> list[list[dict[str, str]]]:
             raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
         if not isinstance(records, list):
             raise ValueError(f"{path}: a .json SFT file must hold a list of records")
-        chats = [record_to_messages(r, f"{path}: record {i}") for i, r in enumerate(records)]
+        chats = [_trainable(record_to_messages(r, f"{path}: record {i}"), f"{path}: record {i}")
+                 for i, r in enumerate(records)]
     else:
-        chats = [record_to_messages(r, f"{path}:{line}") for line, r in read_jsonl(path)]
+        chats = [_trainable(record_to_messages(r, f"{path}:{line}"), f"{path}:{line}") for line, r in read_jsonl(path)]
     if not chats:
         raise ValueError(f"{path}: no conversations")
     return chats
@@ -204,6 +232,8 @@ def collate(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
 
     Returns input_ids (B, T-1), targets (B, T-1) and attention_mask (B, T-1) with T the longest example.
     """
+    if not examples:
+        raise ValueError("collate: no examples")
     T = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
@@ -226,7 +256,10 @@ def pack(examples: list[SFTExample], block_size: int) -> list[SFTExample]:
     rows: list[SFTExample] = []
     ids: list[int] = []
     mask: list[int] = []
-    for e in examples:
+    for i, e in enumerate(examples):
+        if len(e.ids) > block_size + 1:
+            raise ValueError(f"pack: example {i} has {len(e.ids)} tokens > block_size + 1 = {block_size + 1} "
+                             "(drop it first, as encode_chats does)")
         if ids and len(ids) + len(e.ids) > block_size + 1:
             rows.append(SFTExample(ids, mask))
             ids, mask = [], []
