@@ -22,6 +22,7 @@ The default targets are PEFT's GPT-2 default, ["c_attn"].
     prompt      input soft prompt (Lester et al., 2021)            no          num_virtual_tokens required
     last_k      the last k blocks (+ ln_f)                         n/a         k=1
     bitfit      every bias (Ben Zaken et al., 2022)                n/a
+    qlora       B A on NF4 4-bit linears (Dettmers et al., 2023)   no (4-bit)  r=8, lora_alpha=16, all linears
 """
 from __future__ import annotations
 
@@ -304,6 +305,47 @@ def apply_partial_bitfit(model: GPT, target_modules: TargetModules = None) -> GP
     return apply_bitfit(model)
 
 
+QLORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # every linear layer, as the QLoRA repo does (lm_head excepted)
+QLORA_SKIP = ("lm_head", "wte", "wpe")  # kept in full precision (quantize_model's default)
+
+
+def apply_qlora(
+    model: nn.Module,
+    target_modules: TargetModules = None,
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    loftq_iters: int = 0,
+) -> nn.Module:
+    """QLoRA (Dettmers et al., 2023): y = dequant(W_nf4) x + b + s B A x on the targets (default: all linears).
+
+    Every other linear layer but lm_head/wte/wpe is frozen in 4 bits too (`minillm.quant.qlora.Linear4bit`).
+    loftq_iters > 0 initialises (W_nf4, A, B) with LoftQ's alternating steps (Li et al., 2023) instead of B = 0.
+    A 4-bit base cannot absorb the update, so merge_peft raises: dequantize the base first.
+    """
+    from minillm.quant.loftq import loftq_linear
+    from minillm.quant.qlora import Linear4bit, QLoRALinear
+
+    if isinstance(loftq_iters, bool) or not isinstance(loftq_iters, int) or loftq_iters < 0:
+        raise ValueError(f"qlora: loftq_iters must be an integer >= 0 (0 = plain QLoRA), got {loftq_iters!r}")
+    targets = _linear_targets(model, target_modules or QLORA_TARGETS, "qlora")
+    quant = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": blocksize}
+    if loftq_iters:  # LoftQ reads the float weights, so it runs before anything is quantized
+        layers = [(name, loftq_linear(m, r, lora_alpha, loftq_iters, lora_dropout, use_rslora, **quant))
+                  for name, m in targets]
+    else:
+        layers = [(name, QLoRALinear(m, r, lora_alpha, lora_dropout, use_rslora, **quant)) for name, m in targets]
+    target_names = {name for name, _ in targets}
+    rest = [(name, Linear4bit.from_linear(m, **quant)) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name not in target_names
+            and not any(part in QLORA_SKIP for part in name.split("."))]
+    return _replace_all(model, layers + rest)  # built first: bad input leaves the model as it was
+
+
 def _no_targets(target_modules: TargetModules, method: str) -> None:
     if target_modules is not None:
         raise ValueError(f"{method}: target_modules does not apply to this method, got {target_modules!r}")
@@ -320,6 +362,7 @@ PEFT_METHODS: dict[str, Callable[..., nn.Module]] = {
     "prompt": apply_prompt,
     "last_k": apply_partial_last_k,
     "bitfit": apply_partial_bitfit,
+    "qlora": apply_qlora,
 }
 
 
