@@ -23,6 +23,10 @@ The default targets are PEFT's GPT-2 default, ["c_attn"].
     last_k      the last k blocks (+ ln_f)                         n/a         k=1
     bitfit      every bias (Ben Zaken et al., 2022)                n/a
     qlora       B A on NF4 4-bit linears (Dettmers et al., 2023)   no (4-bit)  r=8, lora_alpha=16, all linears
+
+Any method also takes `trainable_token_indices=[ids]` (PEFT's name): the embedding rows of those tokens
+train too, shared with the tied LM head (`minillm.peft.tokens`); SFT needs it for the chat template's
+tokens, which pretraining never saw.
 """
 from __future__ import annotations
 
@@ -41,11 +45,12 @@ from minillm.peft.krona import KronALinear
 from minillm.peft.lora import LoRALinear, check_linear_like
 from minillm.peft.partial import apply_bitfit, apply_last_k
 from minillm.peft.prefix import PrefixTunedGPT, PromptTunedGPT
+from minillm.peft.tokens import TrainableTokensLayer, apply_trainable_tokens, check_trainable_tokens
 from minillm.peft.vera import VeRALinear, VeRAProjections
 from minillm.utils import atomic_torch_save, safe_torch_load
 
 TargetModules = Sequence[str] | str | None
-MERGEABLE_LAYERS = (LoRALinear, VeRALinear, KronALinear)
+MERGEABLE_LAYERS = (LoRALinear, VeRALinear, KronALinear, TrainableTokensLayer)
 ADAPTER_LAYERS = (SeriesAdapter, ParallelAdapter)
 WRAPPERS = (PrefixTunedGPT, PromptTunedGPT)
 VERA_SEED_KEY = "vera.projection_seed"
@@ -370,14 +375,20 @@ def apply_peft(model: nn.Module, method: str, target_modules: TargetModules = No
     """Apply `method` to `model` and freeze everything else. Returns the model (changed in place), or
     for "prefix"/"prompt" a wrapper around it. The call (method and explicit arguments) is kept as `.peft_config`,
     so `save_adapter` can record it and `load_adapter` can rebuild the same adapter on a fresh GPT.
+    `trainable_token_indices` (any method) also trains those tokens' embedding rows.
     """
     if method not in PEFT_METHODS:
         raise ValueError(f"apply_peft: unknown method {method!r}; choose from {sorted(PEFT_METHODS)}")
     _check_plain(model)
+    token_indices = hyperparams.pop("trainable_token_indices", None)
+    if token_indices is not None:
+        token_indices = check_trainable_tokens(model, token_indices)  # before anything changes
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)
     try:
         result = PEFT_METHODS[method](model, target_modules, **hyperparams)
+        if token_indices is not None:
+            apply_trainable_tokens(getattr(result, "model", result), token_indices)  # the GPT inside a wrapper
     except (TypeError, ValueError) as e:
         for p, flag in flags:  # bad input leaves the model as it was
             p.requires_grad_(flag)
@@ -385,6 +396,8 @@ def apply_peft(model: nn.Module, method: str, target_modules: TargetModules = No
             raise TypeError(f"apply_peft({method!r}): {e}") from None
         raise
     result.peft_config = {"method": method, "target_modules": _plain(target_modules), **_plain(hyperparams)}
+    if token_indices is not None:
+        result.peft_config["trainable_token_indices"] = token_indices
     return result
 
 
@@ -415,7 +428,8 @@ def _method_of(model: nn.Module) -> str:
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Fold every LoRA/VeRA/KronA update into its base weight, in place (idempotent); `unmerge_adapters` undoes it."""
+    """Fold every LoRA/VeRA/KronA update (and trained token rows) into its base weight, in place (idempotent);
+    `unmerge_adapters` undoes it."""
     layers = [m for m in model.modules() if isinstance(m, MERGEABLE_LAYERS)]
     if not layers:
         raise ValueError(f"merge: the model has no mergeable (lora/vera/krona) layer (method {_method_of(model)!r})")
@@ -520,7 +534,7 @@ def _base_of(module: nn.Module) -> nn.Module | None:
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters a PEFT method added (every LoRA adapter, not just the active one), by name.
 
-    For last_k and bitfit, which add nothing, the parameters they train.
+    For last_k and bitfit, which add nothing (but trained token rows), the parameters they train.
     """
     frozen_base, added = set(), set()
     for module in model.modules():
@@ -528,11 +542,13 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         if base is not None:
             frozen_base |= {id(p) for p in base.parameters()}
             added |= {id(p) for p in module.parameters()}
+    if _method_of(model) in ("last_k", "bitfit"):
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not added:
-        if _method_of(model) in ("last_k", "bitfit"):
-            return {n: p for n, p in model.named_parameters() if p.requires_grad}
         raise ValueError("adapter_state_dict: the model has no PEFT adapter; apply_peft(model, method) first")
-    return {n: p for n, p in model.named_parameters() if id(p) in added and id(p) not in frozen_base}
+    # Token rows live inside the GPT, which a prefix/prompt wrapper counts as its frozen base.
+    rows = {id(p) for m in model.modules() if isinstance(m, TrainableTokensLayer) for p in m.tokens.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) in rows or (id(p) in added and id(p) not in frozen_base)}
 
 
 def _vera_seed(model: nn.Module) -> int | None:
