@@ -1,0 +1,451 @@
+"""QLoRA vs LoRA vs full fine-tuning on the world SFT data, and how much NF4 loses against FP4 and int4.
+
+QLoRA (Dettmers et al., 2023) claims that training LoRA adapters through a frozen 4-bit NF4 base matches
+16-bit LoRA (and full fine-tuning) while the frozen weights take ~4.127 instead of 16 bits per parameter.
+This module measures both halves of the claim on our own models:
+
+1. Fine-tuning (`compare_qlora`): the same base run, the same SFT data and steps, three methods
+
+       full    theta <- AdamW(theta, grad)                                 every parameter trains
+       lora    y = W x + b + s B A x                                       W frozen in fp32
+       qlora   y = dequant(W_nf4) x + b + s B A x                          W frozen in NF4 + double quant
+
+   LoRA and QLoRA use the same targets (every linear layer: c_attn, c_proj, c_fc, as the QLoRA repo does),
+   rank, lora_alpha and learning rate, so the 4-bit base is the only difference. Reported per method:
+   held-out exact match (`evaluate_instructions` on sft_test.jsonl), training time, and the measured bytes
+   of weights + buffers + gradients + AdamW state (`minillm.memory.training_memory`, activations excluded).
+   `loftq` (QLoRA with LoftQ initialisation, Li et al., 2023) can be added with --methods.
+
+2. Quantisation error (`quantization_error_table`): quantise -> dequantise each weight and report the
+   relative error  rel_mse = mean((w - deq(quant(w)))^2) / mean(w^2)  for NF4, NF4 + double quantisation,
+   FP4 (E2M1) and the int4 absmax baseline, on Gaussian weights and on every linear weight of the base run
+   (the layers QLoRA quantises), with the weights' excess kurtosis E[(w - mu)^4] / sigma^4 - 3 (0 for a
+   Gaussian; large values mean outliers, which stretch a block's absmax and waste codes).
+
+A 4-bit base cannot absorb the float update B A: `merge_peft` refuses it. `dequantize_model` turns every
+Linear4bit back into an nn.Linear holding deq(W_nf4), after which the adapters merge (W' = deq(W) + s B A).
+
+    python -m minillm.quant.experiment --init runs/pipeline/base --out runs/qlora_compare
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from minillm.config import TrainConfig
+from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table, training_memory
+from minillm.peft.apply import QLORA_SKIP, QLORA_TARGETS, count_parameters, replace_module
+from minillm.quant.nf4 import quantization_error
+from minillm.quant.qlora import quantized_layers
+
+__all__ = [
+    "METHOD_SPECS", "PEFT_LR_MULTIPLIER", "QUANT_COLUMNS", "method_spec", "parse_methods", "dequantize_model",
+    "linear_weights", "gaussian_weights", "excess_kurtosis", "error_row", "quantization_error_table",
+    "compare_qlora", "render_report", "add_qlora_compare_arguments", "add_qlora_compare_command",
+    "cmd_qlora_compare", "pipeline_qlora", "main",
+]
+
+# One spec per method; None is full fine-tuning. LoRA and QLoRA share targets, rank and alpha.
+LORA_R, LORA_ALPHA = 8, 16
+METHOD_SPECS: dict[str, dict[str, Any] | None] = {
+    "full": None,
+    "lora": {"method": "lora", "target_modules": QLORA_TARGETS, "r": LORA_R, "lora_alpha": LORA_ALPHA},
+    "qlora": {"method": "qlora", "r": LORA_R, "lora_alpha": LORA_ALPHA},
+    "loftq": {"method": "qlora", "r": LORA_R, "lora_alpha": LORA_ALPHA, "loftq_iters": 1},
+}
+DEFAULT_METHODS = ("full", "lora", "qlora")
+# Adapters start from a fixed point and train few numbers, so they take a larger step than full
+# fine-tuning: the same 4 x the preset's SFT learning rate as `minillm peft-compare`.
+PEFT_LR_MULTIPLIER = 4.0
+
+# Columns of the error table: name -> (quant_type, double_quant) for `quantization_error`.
+QUANT_COLUMNS: dict[str, tuple[str, bool]] = {
+    "nf4": ("nf4", False), "nf4+dq": ("nf4", True), "fp4": ("fp4", False), "int4": ("int4", False),
+}
+
+
+def method_spec(method: str, r: int = LORA_R, lora_alpha: float = LORA_ALPHA,
+                token_ids: Sequence[int] | None = None) -> dict[str, Any] | None:
+    """A fresh PEFT spec for `method` (None: full fine-tuning) with rank r, lora_alpha and, if given,
+    the chat template's token rows trained too (`trainable_token_indices`)."""
+    base = METHOD_SPECS[method]
+    if base is None:
+        return None
+    spec = {**copy.deepcopy(base), "r": r, "lora_alpha": lora_alpha}
+    if token_ids:
+        spec["trainable_token_indices"] = list(token_ids)
+    return spec
+
+
+def parse_methods(text: str | Sequence[str] | None) -> list[str]:
+    """'full,lora,qlora' or a list -> validated method names in the given order (None: the default three)."""
+    if text is None:
+        return list(DEFAULT_METHODS)
+    names = [m.strip() for m in text.split(",")] if isinstance(text, str) else list(text)
+    names = [m for m in names if m]
+    unknown = [m for m in names if m not in METHOD_SPECS]
+    if unknown or not names:
+        raise ValueError(f"--methods: unknown method {unknown[0] if unknown else '(none given)'!r}; "
+                         f"choose from {list(METHOD_SPECS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods: a method is listed twice in {names}")
+    return names
+
+
+# ---------------------------------------------------------------------- merging a 4-bit model
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every Linear4bit by a frozen nn.Linear holding deq(W_nf4) (and the bias), in place.
+
+    The model computes exactly what it computed before (Linear4bit is F.linear with deq(W_nf4)), but a LoRA
+    layer around it can now merge: merge_peft(dequantize_model(model)) gives a plain GPT with
+    W' = deq(W_nf4) + s B A, at full-precision size.
+    """
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("dequantize_model: the model has no Linear4bit layer (nothing is quantized)")
+    for name, q in layers:
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.weight.device,
+                           dtype=q.weight_dtype)
+        with torch.no_grad():
+            linear.weight.copy_(q.dequantize())
+            if q.bias is not None:
+                linear.bias.copy_(q.bias)
+        linear.requires_grad_(False)
+        replace_module(model, name, linear)
+    return model
+
+
+# ---------------------------------------------------------------------- quantisation error
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight of every nn.Linear QLoRA quantises (all but lm_head/wte/wpe), by module name."""
+    weights = {name: m.weight.detach() for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name and not any(p in QLORA_SKIP for p in name.split("."))}
+    if not weights:
+        raise ValueError("linear_weights: the model has no quantizable nn.Linear layer")
+    return weights
+
+
+def gaussian_weights(numel: int = 2**20, seed: int = 0) -> torch.Tensor:
+    """numel draws of N(0, 1) as a (numel / 1024, 1024) matrix: the weights NF4 is designed for."""
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1024 or numel % 1024:
+        raise ValueError(f"gaussian_weights: numel must be a positive multiple of 1024, got {numel!r}")
+    return torch.randn(numel // 1024, 1024, generator=torch.Generator().manual_seed(seed))
+
+
+def excess_kurtosis(w: torch.Tensor) -> float:
+    """E[(w - mu)^4] / sigma^4 - 3: 0 for a Gaussian, large when a few weights are outliers."""
+    x = w.detach().double().flatten()
+    z = (x - x.mean()) / x.std(correction=0)
+    return float(z.pow(4).mean() - 3.0)
+
+
+def error_row(name: str, weights: Sequence[torch.Tensor], blocksize: int = 64) -> dict[str, Any]:
+    """Relative error of each 4-bit type on `weights` taken together:
+
+        rel_mse[type] = sum_W sum_i (w_i - deq(quant(w))_i)^2 / sum_W sum_i w_i^2
+
+    (each matrix quantised on its own, blocks of `blocksize`), plus the largest absolute error and the
+    excess kurtosis of all the values.
+    """
+    if not weights:
+        raise ValueError(f"error_row({name!r}): no weights")
+    numel = sum(w.numel() for w in weights)
+    energy = sum(float(w.double().square().sum()) for w in weights)
+    row: dict[str, Any] = {"name": name, "numel": numel,
+                           "kurtosis": excess_kurtosis(torch.cat([w.detach().flatten() for w in weights]))}
+    for column, (quant_type, double_quant) in QUANT_COLUMNS.items():
+        errors = [quantization_error(w, quant_type, blocksize, double_quant) for w in weights]
+        row[column] = sum(e["mse"] * w.numel() for e, w in zip(errors, weights)) / energy
+        row[column + "_max_abs"] = max(e["max_abs"] for e in errors)
+    return row
+
+
+def quantization_error_table(model: nn.Module | None = None, blocksize: int = 64, gaussian_numel: int = 2**20,
+                             seed: int = 0) -> list[dict[str, Any]]:
+    """Rows: Gaussian weights, then (if a model is given) all its linear weights and each kind of linear
+    layer (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj across the blocks)."""
+    rows = [error_row("Gaussian N(0, 1)", [gaussian_weights(gaussian_numel, seed)], blocksize)]
+    if model is not None:
+        weights = linear_weights(model)
+        rows.append(error_row("trained model: every linear weight", list(weights.values()), blocksize))
+        kinds: dict[str, list[torch.Tensor]] = {}
+        for name, w in weights.items():
+            kinds.setdefault(".".join(name.split(".")[-2:]), []).append(w)  # h.3.attn.c_attn -> attn.c_attn
+        rows += [error_row(f"trained model: {kind}", ws, blocksize) for kind, ws in kinds.items()]
+    return rows
+
+
+def render_error_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: relative MSE (x 1e-3) per 4-bit type, and NF4's error as a fraction of int4's."""
+    lines = ["| weights | values | excess kurtosis | NF4 | NF4 + DQ | FP4 | int4 | NF4 / int4 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['numel']:,} | {r['kurtosis']:.2f} | {1e3 * r['nf4']:.3f} | "
+                     f"{1e3 * r['nf4+dq']:.3f} | {1e3 * r['fp4']:.3f} | {1e3 * r['int4']:.3f} | "
+                     f"{r['nf4'] / r['int4']:.2f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the fine-tuning comparison
+def load_test_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """sft_test rows ({messages: [user, assistant], kind, ...}); a bad row raises `path:line: why`."""
+    from minillm.datasets import read_jsonl
+
+    records = []
+    for lineno, record in read_jsonl(path):
+        roles = [m.get("role") for m in record.get("messages", []) if isinstance(m, dict)]
+        if "user" not in roles or "assistant" not in roles:
+            raise ValueError(f"{path}:{lineno}: a test record needs 'messages' with a user and an assistant turn")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no test records")
+    return records
+
+
+def method_train_config(method: str, full_cfg: TrainConfig, peft_lr: float | None) -> TrainConfig:
+    """Full fine-tuning uses `full_cfg`; the adapters the same with lr = peft_lr (default 4 x) and min_lr
+    scaled alike, so the schedule keeps its shape."""
+    if METHOD_SPECS[method] is None:
+        return full_cfg
+    lr = peft_lr if peft_lr is not None else PEFT_LR_MULTIPLIER * full_cfg.lr
+    return replace(full_cfg, lr=lr, min_lr=full_cfg.min_lr * lr / full_cfg.lr)
+
+
+def _run_optimizer(model: nn.Module, cfg: TrainConfig, ckpt: Path) -> torch.optim.Optimizer:
+    """The run's AdamW as it ended (moments read back from ckpt.pt), so its bytes are measured, not predicted."""
+    from minillm.train import configure_optimizer
+    from minillm.utils import safe_torch_load
+
+    optimizer = configure_optimizer(model, cfg)
+    optimizer.load_state_dict(safe_torch_load(ckpt)["optimizer"])
+    return optimizer
+
+
+def run_method(method: str, spec: dict[str, Any] | None, init: str | os.PathLike, data: str | os.PathLike,
+               records: list[dict[str, Any]], tokenizer: Any, out: Path, cfg: TrainConfig,
+               progress: bool = True) -> dict[str, Any]:
+    """Fine-tune `init` with one method, then measure it; returns its table row."""
+    from minillm.eval.task import evaluate_instructions
+    from minillm.finetune import run_sft
+
+    model, result, _ = run_sft(init, data, out / method, cfg, peft=spec, progress=progress)
+    memory = training_memory(model, _run_optimizer(model, cfg, out / method / "ckpt.pt"))
+    scores = evaluate_instructions(model, tokenizer, records)
+    trainable, total = count_parameters(model)
+    row = {
+        "method": method, "spec": spec, "lr": cfg.lr, "steps": result.step, "trainable": trainable,
+        "total": total, "train_seconds": result.seconds, "seconds_per_step": result.seconds / max(result.step, 1),
+        "train_loss": result.train_loss, "val_loss": result.val_loss, "memory": memory,
+        "exact_match": scores["exact_match"], "refusal_accuracy": scores["refusal_accuracy"],
+        "gold_reward": scores["gold_reward"],
+    }
+    print(f"[qlora-compare] {method}: exact match {row['exact_match']:.3f}, {result.seconds:.1f}s, "
+          f"{memory['total'] / 2**20:.2f} MB params+buffers+grads+AdamW")
+    return row
+
+
+def compare_qlora(
+    init: str | os.PathLike,
+    data: str | os.PathLike,
+    test_data: str | os.PathLike,
+    out: str | os.PathLike,
+    full_cfg: TrainConfig,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    peft_lr: float | None = None,
+    r: int = LORA_R,
+    lora_alpha: float = LORA_ALPHA,
+    chat_tokens: bool = True,
+    gaussian_numel: int = 2**20,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune the base run `init` with each method, tabulate quantisation errors of its weights, and
+    write table.md and results.json to `out` (each run in out/<method>). Returns the summary.
+
+    chat_tokens: the adapter methods also train the chat template tokens' embedding rows, which
+    pretraining never saw (as `minillm peft-compare` does); full fine-tuning trains them anyway.
+    """
+    from minillm.pretrain import load_run
+    from minillm.utils import atomic_write_text, write_json
+
+    methods = parse_methods(methods)
+    out = Path(out)
+    records = load_test_records(test_data)
+    base, tok, base_cfg = load_run(init)
+    token_ids = None
+    if chat_tokens:
+        from minillm.peft.tokens import chat_token_ids
+
+        token_ids = chat_token_ids(tok)
+    errors = quantization_error_table(base, gaussian_numel=gaussian_numel)
+    rows = [run_method(m, method_spec(m, r, lora_alpha, token_ids), init, data, records, tok, out,
+                       method_train_config(m, full_cfg, peft_lr), progress) for m in methods]
+    summary = {"init": str(init), "model": base_cfg["model"], "parameters": count_parameters(base)[1],
+               "steps": full_cfg.max_steps, "full_lr": full_cfg.lr, "test_data": str(test_data),
+               "chat_tokens": token_ids, "r": r, "lora_alpha": lora_alpha, "rows": rows, "errors": errors}
+    write_json(out / "results.json", summary)
+    atomic_write_text(out / "table.md", render_report(summary))
+    return summary
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def render_method_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per fine-tuning method, exact match in points against LoRA."""
+    lora = next((r["exact_match"] for r in rows if r["method"] == "lora"), None)
+    lines = ["| method | trainable | frozen 4-bit (MB) | weights + buffers (MB) | grads (MB) | AdamW (MB) | "
+             "total (MB) | train time (s) | s / step | exact match | vs LoRA (points) | refusal acc. | gold reward |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        m = r["memory"]
+        delta = "-" if lora is None or r["method"] == "lora" else f"{100 * (r['exact_match'] - lora):+.1f}"
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {_mb(m['quantized_weights'])} | "
+            f"{_mb(m['params'] + m['buffers'])} | {_mb(m['grads'])} | {_mb(m['optimizer'])} | {_mb(m['total'])} | "
+            f"{r['train_seconds']:.1f} | {r['seconds_per_step']:.3f} | {r['exact_match']:.3f} | {delta} | "
+            f"{r['refusal_accuracy']:.3f} | {r['gold_reward']:.3f} |")
+    return "\n".join(lines)
+
+
+def render_analytic_memory(r: int = LORA_R, shapes: Sequence[str] = ("gpt2", "gpt2-xl", "7b-shaped")) -> str:
+    """`minillm.memory.memory_table` for larger GPT-2-shaped models, LoRA/QLoRA on every linear layer."""
+    text = []
+    for name in shapes:
+        shape = MODEL_PRESETS[name]
+        n = gpt2_param_count(shape[0], shape[2], shape[3], shape[4])["total"]
+        text += [f"**{name}** ({n / 1e6:,.0f}M parameters)", "",
+                 format_memory_table(memory_table(*shape, lora_r=r, lora_targets=QLORA_TARGETS)), ""]
+    return "\n".join(text)
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    """table.md: the fine-tuning table, the verdict against LoRA, the error table, the analytic memory."""
+    rows, m = summary["rows"], summary["model"]
+    by = {r["method"]: r for r in rows}
+    text = [
+        "# QLoRA vs LoRA vs full fine-tuning", "",
+        f"Base run `{summary['init']}`: {m['n_layer']} layers, {m['n_embd']} wide, {summary['parameters']:,} "
+        f"parameters. {summary['steps']} SFT steps per method; learning rate {summary['full_lr']:g} for full "
+        "fine-tuning, " + ", ".join(sorted({f"{r['lr']:g}" for r in rows if r["spec"] is not None}))
+        + f" for the adapters. LoRA and QLoRA: r = {summary['r']}, lora_alpha = {summary['lora_alpha']:g}, "
+        f"on every linear layer ({', '.join(QLORA_TARGETS)})"
+        + (f", plus the chat tokens' embedding rows {summary['chat_tokens']}." if summary.get("chat_tokens")
+           else "."),
+        f"Exact match: greedy answers to `{summary['test_data']}`. Bytes: measured from the tensors of the "
+        "trained model and its AdamW state (fp32 unless 4-bit; activations not counted).", "",
+        render_method_table(rows), "",
+    ]
+    if "qlora" in by and "lora" in by:
+        gap = 100 * (by["qlora"]["exact_match"] - by["lora"]["exact_match"])
+        verdict = "within" if abs(gap) <= 5 else "NOT within"
+        text += [f"QLoRA - LoRA exact match: {gap:+.1f} points ({verdict} the 5-point target).", ""]
+    text += ["## Quantisation error: relative MSE x 1e-3 = 1000 * sum (w - deq(quant(w)))^2 / sum w^2", "",
+             "Blocks of 64, one absmax each; DQ = double quantisation of the absmax values (bitsandbytes).", "",
+             render_error_table(summary["errors"]), "",
+             f"## Memory at larger shapes (analytic: `python -m minillm memory --preset gpt2-xl`, "
+             f"here LoRA on every linear layer, r = {summary['r']}, 16 GiB GPU)", "",
+             render_analytic_memory(summary["r"])]
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------------- command line and pipeline
+def add_qlora_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `qlora-compare` (shared by `python -m minillm.quant.experiment`)."""
+    from minillm.cli import add_dataclass_flags
+    from minillm.config import PRESETS
+
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="whose sft TrainConfig (default: cpu)")
+    add_dataclass_flags(p, TrainConfig)
+    p.add_argument("--init", default="runs/pipeline/base", help="base run directory (default: runs/pipeline/base)")
+    p.add_argument("--data", default="data/world/sft_train.jsonl", help="SFT training chats")
+    p.add_argument("--test-data", default="data/world/sft_test.jsonl", help="held-out questions for exact match")
+    p.add_argument("--out", default="runs/qlora_compare", help="output directory (table.md, results.json, runs)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(METHOD_SPECS)} (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--peft-lr", type=float, default=None,
+                   help=f"learning rate of LoRA/QLoRA (default: {PEFT_LR_MULTIPLIER:g} x the full-FT lr)")
+    p.add_argument("--lora-r", type=int, default=LORA_R, help=f"LoRA rank r (default: {LORA_R})")
+    p.add_argument("--lora-alpha", type=float, default=LORA_ALPHA, help=f"lora_alpha (default: {LORA_ALPHA})")
+    p.add_argument("--no-chat-tokens", action="store_true",
+                   help="do not train the chat tokens' embedding rows in the adapter runs")
+    p.add_argument("--gaussian-numel", type=int, default=2**20,
+                   help="Gaussian values in the quantisation error table (default: 2^20)")
+    p.set_defaults(func=cmd_qlora_compare)
+
+
+def add_qlora_compare_command(subparsers: argparse._SubParsersAction) -> None:
+    """`python -m minillm qlora-compare`: QLoRA vs LoRA vs full fine-tuning, and the NF4/FP4/int4 errors."""
+    p = subparsers.add_parser(
+        "qlora-compare", help="QLoRA vs LoRA vs full fine-tuning (exact match, time, bytes); NF4/FP4/int4 error",
+        description="Fine-tunes --init on the SFT data with full fine-tuning, LoRA and QLoRA (same steps; "
+                    "LoRA/QLoRA on every linear layer with the same r, alpha and --peft-lr), measures held-out "
+                    "exact match, training time and bytes, tabulates the quantisation error of NF4, FP4 and "
+                    "int4 on Gaussian and on the base run's weights, and writes table.md and results.json "
+                    "to --out.")
+    add_qlora_compare_arguments(p)
+
+
+def cmd_qlora_compare(args: argparse.Namespace) -> None:
+    from minillm.cli import stage_train_config
+
+    if not Path(args.init).is_dir():
+        raise FileNotFoundError(f"--init {args.init}: base run not found (run `python -m minillm pipeline` or "
+                                "`python -m minillm pretrain --out DIR` first)")
+    if args.peft_lr is not None and not args.peft_lr > 0:
+        raise ValueError(f"--peft-lr must be > 0, got {args.peft_lr}")
+    summary = compare_qlora(args.init, args.data, args.test_data, args.out, stage_train_config(args, "sft"),
+                            parse_methods(args.methods), args.peft_lr, args.lora_r, args.lora_alpha,
+                            not args.no_chat_tokens, args.gaussian_numel)
+    print(render_method_table(summary["rows"]))
+    print(render_error_table(summary["errors"]))
+    print(f"[qlora-compare] wrote {Path(args.out) / 'table.md'}")
+
+
+def pipeline_qlora(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The QLoRA comparison as a stage of the main job; returns report rows (metric -> value).
+
+    ctx: "preset" (name), "data" (world data dir), "out" (pipeline dir), "base" (pretrained run dir);
+    optional "progress" (bool). Writes out/qlora_compare (table.md, results.json, one run per method).
+    """
+    from minillm.config import get_preset
+
+    data = Path(ctx["data"])
+    summary = compare_qlora(ctx["base"], data / "sft_train.jsonl", data / "sft_test.jsonl",
+                            Path(ctx["out"]) / "qlora_compare", get_preset(ctx["preset"]).sft,
+                            progress=ctx.get("progress", True))
+    rows: dict[str, Any] = {}
+    for r in summary["rows"]:
+        rows[f"{r['method']}: held-out exact match"] = r["exact_match"]
+        rows[f"{r['method']}: train seconds"] = r["train_seconds"]
+        rows[f"{r['method']}: params+buffers+grads+AdamW (MB)"] = r["memory"]["total"] / 2**20
+    nf4 = next(e for e in summary["errors"] if e["name"].startswith("trained model: every"))
+    rows["NF4 / int4 quantisation error (trained weights)"] = nf4["nf4"] / nf4["int4"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m minillm.quant.experiment [--init RUN] [--out DIR] ...: the same as `minillm qlora-compare`."""
+    parser = argparse.ArgumentParser(prog="python -m minillm.quant.experiment",
+                                     description=__doc__.splitlines()[0])
+    add_qlora_compare_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"qlora-compare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
