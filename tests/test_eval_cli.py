@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minillm.datasets import tokenize_corpus
-from minillm.eval.mcq import evaluate_mcq, load_mcq
+from minillm.eval.mcq import evaluate_mcq
 from minillm.eval.perplexity import perplexity
 from minillm.eval.run import (
     add_eval_command,
@@ -27,7 +27,27 @@ from minillm.train import CKPT_NAME
 from minillm.utils import atomic_torch_save
 
 ROOT = Path(__file__).resolve().parent.parent
-WORLD_ITEMS = [json.loads(line) for line in (ROOT / "data/world/mcq_test.jsonl").read_text().splitlines()[:6]]
+# One question per attribute about one character, in the world's MCQ layout (the first question template).
+WORLD_ITEMS = [
+    {"question": "Where does Eamon live?", "choices": ["Fernwick", "Lindenfall", "Ashcombe", "Stonehaven"],
+     "answer": 1, "character": "Eamon", "attribute": "town"},
+    {"question": "What does Eamon do for a living?", "choices": ["sailor", "weaver", "baker", "potter"], "answer": 1,
+     "character": "Eamon", "attribute": "job"},
+    {"question": "What pet does Eamon have?", "choices": ["dog", "hamster", "tortoise", "cat"], "answer": 0,
+     "character": "Eamon", "attribute": "pet"},
+    {"question": "What is Eamon's favourite fruit?", "choices": ["grape", "cherry", "pear", "peach"], "answer": 3,
+     "character": "Eamon", "attribute": "fruit"},
+    {"question": "What is Eamon's favourite colour?", "choices": ["purple", "grey", "white", "yellow"], "answer": 1,
+     "character": "Eamon", "attribute": "colour"},
+    {"question": "How old is Eamon?", "choices": ["31", "45", "62", "27"], "answer": 2, "character": "Eamon",
+     "attribute": "age"},
+]
+DEV_ITEMS = [
+    {"question": "Where does Mira live?", "choices": ["Oakvale", "Dunmoor"], "answer": 0},
+    {"question": "What is Tobin's job?", "choices": ["miner", "tailor"], "answer": 1},
+    {"question": "Which animal is Elsa's pet?", "choices": ["goat", "ferret"], "answer": 1},
+    {"question": "How many years old is Bram?", "choices": ["20", "79"], "answer": 0},
+]
 VAL_TEXT = ("Mira lives in Oakvale. Mira is a baker.\n\n3 plus 4 is 7. The sum of 2 and 2 is 4.\n\n"
             "Eamon keeps a cat at home. Everyone knows Eamon the weaver, who was born in Lindenfall long ago.\n")
 
@@ -53,8 +73,7 @@ def files(tmp_path_factory):
     (root / "data").mkdir()
     (root / "data/corpus_val.txt").write_text(VAL_TEXT)
     (root / "data/mcq_test.jsonl").write_text("".join(json.dumps(i) + "\n" for i in WORLD_ITEMS))
-    dev = [json.loads(line) for line in (ROOT / "data/world/mcq_dev.jsonl").read_text().splitlines()[:12]]
-    (root / "dev.jsonl").write_text("".join(json.dumps(i) + "\n" for i in dev))
+    (root / "dev.jsonl").write_text("".join(json.dumps(i) + "\n" for i in DEV_ITEMS))
     return {"root": root, "run": _write_run(root / "run"), "uniform": _write_run(root / "uniform", True),
             "val": root / "data/corpus_val.txt", "mcq": root / "data/mcq_test.jsonl", "dev": root / "dev.jsonl"}
 
@@ -127,8 +146,7 @@ def test_uniform_model_has_perplexity_vocabulary_size(files):
 
 def test_fewshot_examples_come_from_the_dev_file_in_the_same_format(files):
     report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], fewshot_data=files["dev"], num_fewshot=2)
-    dev = load_mcq(files["dev"])
-    shots = {cloze_item(d)["question"] + " " + d["choices"][d["answer"]] for d in dev}
+    shots = {"Mira lives in Oakvale", "Tobin works as a tailor", "Elsa's pet is a ferret", "Bram is 20"}
     for row, item in zip(report["mcq"]["per_item"], WORLD_ITEMS):
         *examples, question = row["context"].split("\n\n")
         assert len(examples) == 2 and set(examples) <= shots

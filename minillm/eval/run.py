@@ -381,15 +381,3 @@ def pipeline_eval(ctx: dict[str, Any]) -> dict[str, dict[str, Any]]:
         rows[stage] = report_rows(report)
     return rows
 
-
-if __name__ == "__main__":  # python -m minillm.eval.run ... works before the command is wired into cli.py
-    import sys
-
-    parser = argparse.ArgumentParser(prog="minillm")
-    add_eval_command(parser.add_subparsers(dest="command", required=True))
-    parsed = parser.parse_args(sys.argv[1:] if sys.argv[1:2] == ["eval"] else ["eval", *sys.argv[1:]])
-    try:
-        parsed.func(parsed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"minillm eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
