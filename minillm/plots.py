@@ -1,13 +1,24 @@
-"""Matplotlib figures used by the lessons and the pipeline report (Agg backend: no screen needed)."""
+"""Matplotlib figures used by the lessons and the pipeline report.
+
+Figures are built with `matplotlib.figure.Figure` directly rather than pyplot: saving a file then needs no
+screen and never switches the global backend, so a notebook's inline plots keep working after a training run.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def save_figure(fig: Figure, png_path: str | Path) -> Path:
+    """Write the PNG through a temporary file and a rename."""
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(png_path)
+    return png_path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -19,7 +30,8 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
     if train:
         ax.plot(*zip(*train), label="train")
     if val:
@@ -30,18 +42,14 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 def plot_series(x: list[float], series: dict[str, list[float]], png_path: str | Path, xlabel: str = "",
                 ylabel: str = "", title: str = "", logx: bool = False) -> Path:
     """One line per named series over shared x values."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.add_subplot()
     for name, ys in series.items():
         ax.plot(x, ys, "o-", label=name)
     if logx:
@@ -52,10 +60,4 @@ def plot_series(x: list[float], series: dict[str, list[float]], png_path: str | 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return save_figure(fig, png_path)
