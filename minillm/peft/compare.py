@@ -388,10 +388,13 @@ def render_report(summary: dict[str, Any]) -> str:
 
 def plot_comparison(rows: list[dict[str, Any]], png_path: str | os.PathLike) -> Path:
     """Bar chart: trainable share (log scale), held-out exact match and unmerged slowdown per method."""
-    from minillm.plots import plt
+    from matplotlib.figure import Figure
+
+    from minillm.plots import save_figure
 
     names = [r["method"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     panels = [("trainable parameters (% of total, log)", [r["percent"] for r in rows]),
               ("held-out exact match", [r["exact_match"] for r in rows]),
               ("forward time / base (unmerged)", [r["slowdown_unmerged"] for r in rows])]
@@ -404,13 +407,7 @@ def plot_comparison(rows: list[dict[str, Any]], png_path: str | os.PathLike) -> 
     axes[0].set_yscale("log")
     axes[2].axhline(1.0, color="k", lw=0.8)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 # ---------------------------------------------------------------------- command line
