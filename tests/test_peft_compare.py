@@ -131,7 +131,7 @@ def test_peft_learning_rate():
     full = TrainConfig(lr=5e-4, min_lr=5e-5)
     assert method_train_config("full", full, None) is full
     lora = method_train_config("lora", full, None)
-    assert lora.lr == pytest.approx(2e-3) and lora.min_lr == pytest.approx(2e-4) and lora.max_steps == full.max_steps
+    assert lora.lr == pytest.approx(1e-2) and lora.min_lr == pytest.approx(1e-3) and lora.max_steps == full.max_steps
     assert method_train_config("prefix", full, 1e-2).lr == 1e-2
 
 
@@ -200,7 +200,7 @@ def test_two_methods_end_to_end(base_run, tmp_path):
     assert lora["trainable"] == L * 8 * (d + 3 * d) + n_tok * d  # LoRA r=8 on c_attn + the chat token rows
     assert lora["total"] == base.num_parameters() + lora["trainable"]
     assert full["trainable"] == full["total"] == base.num_parameters()
-    assert lora["lr"] == pytest.approx(4e-3) and full["lr"] == pytest.approx(1e-3)
+    assert lora["lr"] == pytest.approx(2e-2) and full["lr"] == pytest.approx(1e-3)
     # adapter.pt is the stored result; PEFT runs drop ckpt.pt (it repeats the frozen base)
     assert lora["adapter_bytes"] == (out / "lora" / "adapter.pt").stat().st_size < full["adapter_bytes"]
     assert not (out / "lora" / "ckpt.pt").exists() and (out / "full" / "ckpt.pt").exists()
