@@ -292,11 +292,23 @@ def test_error_table_ranks_nf4_best_on_gaussian_and_real_weights():
         gaussian_weights(1000)
 
 
-def test_compare_qlora_writes_the_table(base_run, tmp_path):
+@pytest.fixture
+def small_world(tmp_path):
+    """A data directory with 100 training chats and 6 test questions (2 of each kind): fast generation."""
+    d = tmp_path / "world"
+    d.mkdir()
+    (d / "sft_train.jsonl").write_text("".join(open(WORLD / "sft_train.jsonl").readlines()[:100]))
+    test = [json.loads(line) for line in open(WORLD / "sft_test.jsonl")]
+    picked = [r for kind in ("fact", "math", "refusal") for r in [x for x in test if x["kind"] == kind][:2]]
+    (d / "sft_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return d
+
+
+def test_compare_qlora_writes_the_table(base_run, small_world, tmp_path):
     import re
 
-    summary = compare_qlora(base_run, WORLD / "sft_train.jsonl", WORLD / "sft_test.jsonl", tmp_path / "cmp",
-                            sft_cfg(max_steps=2), gaussian_numel=2**14, progress=False)
+    summary = compare_qlora(base_run, small_world / "sft_train.jsonl", small_world / "sft_test.jsonl",
+                            tmp_path / "cmp", sft_cfg(max_steps=2), gaussian_numel=2**14, progress=False)
     rows = {r["method"]: r for r in summary["rows"]}
     assert list(rows) == ["full", "lora", "qlora"]
     assert rows["lora"]["trainable"] == rows["qlora"]["trainable"] < rows["full"]["trainable"]
@@ -317,3 +329,22 @@ def test_command_line_errors(tmp_path, capsys):
     assert "base run not found" in capsys.readouterr().err
     assert main(["--init", str(tmp_path), "--methods", "nf4"]) == 2
     assert "--methods" in capsys.readouterr().err
+
+
+def test_pipeline_stage_returns_report_rows(base_run, small_world, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from minillm.config import PRESETS, get_preset
+    from minillm.quant.experiment import pipeline_qlora
+
+    tiny = get_preset("tiny")
+    monkeypatch.setitem(PRESETS, "tiny", replace(tiny, sft=replace(tiny.sft, max_steps=2, eval_interval=0,
+                                                                  device="cpu")))
+    rows = pipeline_qlora({"preset": "tiny", "data": small_world, "out": tmp_path, "base": base_run,
+                          "progress": False})
+    assert (tmp_path / "qlora_compare" / "table.md").exists()
+    for method in ("full", "lora", "qlora"):
+        assert 0 <= rows[f"{method}: held-out exact match"] <= 1
+        assert rows[f"{method}: train seconds"] > 0
+    assert rows["qlora: params+buffers+grads+AdamW (MB)"] < rows["lora: params+buffers+grads+AdamW (MB)"]
+    assert 0.5 < rows["NF4 / int4 quantisation error (trained weights)"] < 1

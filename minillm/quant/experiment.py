@@ -300,20 +300,25 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
+def _loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 def render_method_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per fine-tuning method, exact match in points against LoRA."""
     lora = next((r["exact_match"] for r in rows if r["method"] == "lora"), None)
     lines = ["| method | trainable | frozen 4-bit (MB) | weights + buffers (MB) | grads (MB) | AdamW (MB) | "
-             "total (MB) | train time (s) | s / step | exact match | vs LoRA (points) | refusal acc. | gold reward |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "total (MB) | train time (s) | s / step | val loss | exact match | vs LoRA (points) | refusal acc. | "
+             "gold reward |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         m = r["memory"]
         delta = "-" if lora is None or r["method"] == "lora" else f"{100 * (r['exact_match'] - lora):+.1f}"
         lines.append(
             f"| {r['method']} | {r['trainable']:,} | {_mb(m['quantized_weights'])} | "
             f"{_mb(m['params'] + m['buffers'])} | {_mb(m['grads'])} | {_mb(m['optimizer'])} | {_mb(m['total'])} | "
-            f"{r['train_seconds']:.1f} | {r['seconds_per_step']:.3f} | {r['exact_match']:.3f} | {delta} | "
-            f"{r['refusal_accuracy']:.3f} | {r['gold_reward']:.3f} |")
+            f"{r['train_seconds']:.1f} | {r['seconds_per_step']:.3f} | {_loss(r['val_loss'])} | "
+            f"{r['exact_match']:.3f} | {delta} | {r['refusal_accuracy']:.3f} | {r['gold_reward']:.3f} |")
     return "\n".join(lines)
 
 
@@ -346,9 +351,15 @@ def render_report(summary: dict[str, Any]) -> str:
         render_method_table(rows), "",
     ]
     if "qlora" in by and "lora" in by:
-        gap = 100 * (by["qlora"]["exact_match"] - by["lora"]["exact_match"])
+        q, lo = by["qlora"], by["lora"]
+        gap = 100 * (q["exact_match"] - lo["exact_match"])
         verdict = "within" if abs(gap) <= 5 else "NOT within"
-        text += [f"QLoRA - LoRA exact match: {gap:+.1f} points ({verdict} the 5-point target).", ""]
+        line = f"QLoRA - LoRA exact match: {gap:+.1f} points ({verdict} the 5-point target)"
+        if lo["exact_match"] == 0:
+            line += "; LoRA itself scores 0 here, so exact match cannot tell them apart: compare the val loss"
+        if q["val_loss"] is not None and lo["val_loss"]:
+            line += f". Validation loss QLoRA / LoRA = {q['val_loss'] / lo['val_loss']:.3f}"
+        text += [line + ".", ""]
     text += ["## Quantisation error: relative MSE x 1e-3 = 1000 * sum (w - deq(quant(w)))^2 / sum w^2", "",
              "Blocks of 64, one absmax each; DQ = double quantisation of the absmax values (bitsandbytes).", "",
              render_error_table(summary["errors"]), "",
@@ -426,6 +437,7 @@ def pipeline_qlora(ctx: dict[str, Any]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for r in summary["rows"]:
         rows[f"{r['method']}: held-out exact match"] = r["exact_match"]
+        rows[f"{r['method']}: validation loss"] = r["val_loss"]
         rows[f"{r['method']}: train seconds"] = r["train_seconds"]
         rows[f"{r['method']}: params+buffers+grads+AdamW (MB)"] = r["memory"]["total"] / 2**20
     nf4 = next(e for e in summary["errors"] if e["name"].startswith("trained model: every"))
