@@ -103,6 +103,19 @@ def test_loss_is_ln2_at_the_start_and_precomputed_reference_agrees():
         torch.testing.assert_close(torch.stack(concatenated_logps(reference, batch), dim=1), table)
 
 
+def test_rpo_term_adds_the_chosen_per_token_nll():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    reference = copy.deepcopy(model).eval()
+    batch = batch_of()
+    with torch.no_grad():
+        pi_w, _ = concatenated_logps(model.eval(), batch)
+    n_w = torch.tensor([len(TOK.encode(r["chosen"])) + 1 for r in PAIRS], dtype=pi_w.dtype)  # answer + <|end|>
+    expected = math.log(2) + 0.5 * float((-pi_w / n_w).mean())
+    assert mean_loss(model, reference, rpo_alpha=0.5) == pytest.approx(expected, rel=1e-5)
+    assert mean_loss(model, reference, rpo_alpha=0.5, average=True) == pytest.approx(expected, rel=1e-5)
+
+
 def _one_dpo_step(model, reference, lr=0.05):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -246,6 +259,9 @@ def test_cli_checks_hyperparameters_before_loading_anything(tmp_path):
         args.func(args)
     args = parser().parse_args(["dpo", "--init", str(tmp_path / "missing"), "--test", ""])
     with pytest.raises(FileNotFoundError, match="missing"):
+        args.func(args)
+    args = parser().parse_args(["dpo", "--init", str(tmp_path / "missing"), "--rpo-alpha", "-1"])
+    with pytest.raises(ValueError, match="rpo_alpha"):
         args.func(args)
     with pytest.raises(ValueError, match="beta"):
         run_dpo(tmp_path / "missing", tmp_path / "none.jsonl", tmp_path / "out", tiny_cfg(), beta=0.0)

@@ -48,17 +48,18 @@ from minillm.utils import autocast_dtype, pick_device, safe_torch_load, write_js
 
 __all__ = [
     "DPO_TRAIN_CONFIGS", "dpo_train_config", "concatenated_logps", "reference_logps", "precompute_reference_logps",
-    "dpo_loss_fn", "evaluate_dpo", "reward_and_kl", "run_dpo", "add_dpo_command", "cmd_dpo", "pipeline_dpo",
+    "response_lengths", "dpo_loss_fn", "check_rpo_alpha", "evaluate_dpo", "reward_and_kl", "run_dpo",
+    "add_dpo_command", "cmd_dpo", "pipeline_dpo",
 ]
 
 # Used until config.Preset has a `dpo` field (then that one wins). DPO moves a model that already produces the
 # chosen answers, so the step is small: TRL defaults to lr 1e-6 for billion-parameter models; our small SFT models
-# need more to move in ~100 steps (lesson 6 measures the choice). weight_decay 0 as TRL.
+# need more to move in ~60 steps (lesson 6 measures 5e-6 and 2e-5 at the cpu preset). weight_decay 0 as TRL.
 DPO_TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(max_steps=30, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=3, weight_decay=0.0,
                         eval_interval=15, eval_iters=2, log_interval=5),
-    "cpu": TrainConfig(max_steps=100, batch_size=32, lr=2e-5, min_lr=2e-6, warmup_steps=10, weight_decay=0.0,
-                       eval_interval=50, eval_iters=2, log_interval=10),
+    "cpu": TrainConfig(max_steps=60, batch_size=32, lr=2e-5, min_lr=2e-6, warmup_steps=10, weight_decay=0.0,
+                       eval_interval=30, eval_iters=2, log_interval=10),
     "gpu": TrainConfig(max_steps=300, batch_size=32, lr=5e-6, min_lr=5e-7, warmup_steps=30, weight_decay=0.0,
                        eval_interval=100, eval_iters=8, log_interval=10),
 }
@@ -130,12 +131,28 @@ def _with_reference(get_batch: Callable, table: torch.Tensor) -> Callable:
 
 
 # ------------------------------------------------------------------------------------ the loss
+def response_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scored response tokens of each of the 2B rows, (2B,): the mask of the predicted tokens, as in
+    `sequence_logprobs` (column 0 has no prefix and is never scored)."""
+    m = batch["loss_mask"][:, 1:] != 0
+    if "attention_mask" in batch:
+        m = m & (batch["attention_mask"][:, 1:] != 0)
+    return m.sum(dim=-1)
+
+
 def dpo_loss_fn(reference: nn.Module | None, beta: float = 0.1, loss_type: str = "sigmoid",
-                label_smoothing: float = 0.0, average: bool = False, log: BatchMetricLog | None = None):
+                label_smoothing: float = 0.0, average: bool = False, rpo_alpha: float | None = None,
+                log: BatchMetricLog | None = None):
     """loss_fn(model, batch) -> (sum of per-pair DPO losses, B) for `minillm.train`.
 
     The reference log-probs come from batch["ref_logps"] when precomputed, else from `reference`
-    (None: the model with its adapters disabled), under no_grad either way.
+    (None: the model with its adapters disabled), under no_grad either way. With rpo_alpha, each pair's
+    loss also gets the chosen answer's per-token negative log-likelihood (RPO, Pang et al., 2024):
+
+        loss_i = DPO_i + rpo_alpha * ( -log pi(y_w,i | x_i) / |y_w,i| )
+
+    which keeps the chosen answers likely while their margin over the rejected ones grows (TRL's
+    `rpo_alpha` adds the same term as a token mean over the batch's chosen answers).
     """
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -146,8 +163,14 @@ def dpo_loss_fn(reference: nn.Module | None, beta: float = 0.1, loss_type: str =
             ref_w, ref_l = reference_logps(model, reference, batch, average)
         losses, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w.to(pi_w.dtype), ref_l.to(pi_w.dtype), beta=beta,
                                     loss_type=loss_type, label_smoothing=label_smoothing)
+        metrics = dpo_metrics(r_w, r_l, pi_w, pi_l)
+        if rpo_alpha is not None:
+            n_w = response_lengths(batch)[: pi_w.shape[0]].to(pi_w.dtype)  # (B,)
+            nll = -(pi_w if average else pi_w / n_w)  # (B,) per-token NLL of each chosen answer
+            losses = losses + rpo_alpha * nll
+            metrics["nll_loss"] = nll.detach().float().mean().item()
         if log is not None:
-            log.record(model.training, dpo_metrics(r_w, r_l, pi_w, pi_l))
+            log.record(model.training, metrics)
         return losses.sum(), losses.shape[0]
 
     return loss_fn
@@ -270,6 +293,7 @@ def run_dpo(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     average_logps: bool | None = None,
+    rpo_alpha: float | None = None,
     precompute_ref: bool = True,
     peft: dict[str, Any] | None = None,
     val_fraction: float = 0.05,
@@ -280,9 +304,11 @@ def run_dpo(
     """DPO from the run in `init` (the SFT policy, also the reference) on the pairs in `data`; writes a run to `out`.
 
     average_logps=None picks TRL's convention: per-token average log-probs for IPO, sums otherwise.
+    rpo_alpha adds the chosen answers' per-token NLL to the loss (see `dpo_loss_fn`).
     With `test`, evaluates the implicit-reward accuracy there (eval.json). Returns (policy, result, stats).
     """
     check_dpo_hyperparameters(beta, loss_type, label_smoothing)
+    check_rpo_alpha(rpo_alpha)
     average = (loss_type == "ipo") if average_logps is None else bool(average_logps)
     if test is not None and not Path(test).exists():
         raise FileNotFoundError(f"{test}: file not found")
@@ -320,7 +346,7 @@ def run_dpo(
         return train_get(split, gen) if split == "train" else val_get(split, gen)
 
     hyper = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing, "average_logps": average,
-             "precompute_ref": precompute_ref}
+             "rpo_alpha": rpo_alpha, "precompute_ref": precompute_ref}
     stats = {**read_stats, "dropped_too_long": dropped + dropped_val, "train_pairs": len(train_enc),
              "val_pairs": len(val_enc)}
     run_config = run_config_dict(stage="dpo", model=base_cfg["model"], train=train_cfg, peft=peft, dpo=hyper,
@@ -331,7 +357,7 @@ def run_dpo(
     log = BatchMetricLog()
     if not precompute_ref and reference is not None:
         reference.to(device)
-    loss_fn = dpo_loss_fn(reference, beta, loss_type, label_smoothing, average, log)
+    loss_fn = dpo_loss_fn(reference, beta, loss_type, label_smoothing, average, rpo_alpha, log)
     result = train(model, train_cfg, get_batch, loss_fn, out, resume=resume, run_config=run_config,
                    desc="dpo" if not peft else f"dpo[{peft['method']}]", has_val=val_get is not None,
                    progress=progress)
@@ -349,6 +375,13 @@ def run_dpo(
         stats.update(test_accuracy=ev["rewards/accuracies"], test_margin=ev["rewards/margins"],
                      test_per_kind_accuracy=ev["per_kind_accuracy"])
     return model.eval(), result, stats
+
+
+def check_rpo_alpha(rpo_alpha: float | None) -> None:
+    """rpo_alpha is None (off) or a finite number >= 0."""
+    if rpo_alpha is not None and (isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float))
+                                  or not math.isfinite(rpo_alpha) or rpo_alpha < 0):
+        raise ValueError(f"rpo_alpha must be None or a finite number >= 0, got {rpo_alpha!r}")
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -400,6 +433,8 @@ def add_dpo_command(subparsers: argparse._SubParsersAction) -> None:
                    help="assumed label-flip rate eps in [0, 0.5), for sigmoid (cDPO) and robust")
     p.add_argument("--average-logps", action=argparse.BooleanOptionalAction, default=None,
                    help="per-token average log-probs instead of sums (default: average for ipo only, as TRL)")
+    p.add_argument("--rpo-alpha", type=float, default=None,
+                   help="add alpha * per-token NLL of the chosen answer (RPO, Pang et al. 2024; TRL rpo_alpha)")
     p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the reference log-probs once before training (default on)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held out of --data for the validation loss")
@@ -413,21 +448,29 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     from minillm.cli import collect_overrides, peft_spec
 
     check_dpo_hyperparameters(args.beta, args.loss_type, args.label_smoothing)  # before any loading
+    check_rpo_alpha(args.rpo_alpha)
     cfg = dpo_train_config(args.preset, collect_overrides(args, TrainConfig))
     _, result, stats = run_dpo(args.init, args.data, args.out, cfg, beta=args.beta, loss_type=args.loss_type,
                                label_smoothing=args.label_smoothing, average_logps=args.average_logps,
+                               rpo_alpha=args.rpo_alpha,
                                precompute_ref=args.precompute_ref, peft=peft_spec(args),
                                val_fraction=args.val_fraction, test=args.test or None, resume=args.resume)
     print(json.dumps({**asdict(result), **stats}, indent=2))
 
 
 # ------------------------------------------------------------------------------------ pipeline
+# The main job's DPO: plain DPO at the cpu preset's lr unlearns the refusals (the refusal string is also a
+# rejected "needless refusal" in 3x as many pairs), the RPO term keeps them (lesson 6, section 9).
+PIPELINE_DPO = {"beta": 0.1, "loss_type": "sigmoid", "rpo_alpha": 1.0}
+
+
 def pipeline_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
     """The DPO stage of the main job; returns report rows (metric -> value).
 
     ctx: "preset", "data" (world data dir), "out" (pipeline dir), "sft" (SFT run dir); optional "progress".
-    Writes the run to ctx["out"]/dpo. Rows: greedy gold reward and exact match on sft_test for SFT and DPO,
-    the implicit-reward accuracy on prefs_test, and the sampled gold reward and KL(pi || pi_ref) of DPO.
+    Trains with PIPELINE_DPO (DPO plus the RPO term) and writes the run to ctx["out"]/dpo. Rows: greedy gold reward and exact match on sft_test for SFT and DPO,
+    the implicit-reward accuracy on prefs_test, the gold reward of sampled answers (T=1) of both, and
+    KL(pi || pi_ref) of DPO.
     """
     from minillm.eval.task import evaluate_instructions
     from minillm.pretrain import load_run
@@ -437,19 +480,22 @@ def pipeline_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
     records = [json.loads(line) for line in (data / "sft_test.jsonl").read_text().splitlines() if line.strip()]
     sft, tok, _ = load_plain_run(ctx["sft"], device=cfg.device)
     sft_eval = evaluate_instructions(sft, tok, records)
-    policy, result, stats = run_dpo(ctx["sft"], data / "prefs_train.jsonl", out / "dpo", cfg,
+    policy, result, stats = run_dpo(ctx["sft"], data / "prefs_train.jsonl", out / "dpo", cfg, **PIPELINE_DPO,
                                     test=data / "prefs_test.jsonl", progress=ctx.get("progress", True))
     policy, _, _ = load_run(out / "dpo", device=cfg.device)
     dpo_eval = evaluate_instructions(policy, tok, records)
     prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
+    sampled_sft = reward_and_kl(sft, sft, tok, prompts, n_samples=2)
     sampled = reward_and_kl(policy, sft, tok, prompts, n_samples=2)
     return {
         "SFT: gold reward (greedy, sft_test)": sft_eval["gold_reward"],
         "SFT: exact match (greedy, sft_test)": sft_eval["exact_match"],
+        "SFT: gold reward of samples (T=1)": sampled_sft["reward"],
         "DPO: gold reward (greedy, sft_test)": dpo_eval["gold_reward"],
         "DPO: exact match (greedy, sft_test)": dpo_eval["exact_match"],
         "DPO: implicit-reward accuracy (prefs_test)": stats["test_accuracy"],
         "DPO: gold reward of samples (T=1)": sampled["reward"],
         "DPO: KL(pi || pi_ref) per response (T=1)": sampled["kl"],
         "DPO: train seconds": result.seconds,
+        "DPO: settings": ", ".join(f"{k} {v}" for k, v in PIPELINE_DPO.items()),
     }

@@ -49,9 +49,9 @@ __all__ = [
 REWARD_TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(max_steps=30, batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=3, weight_decay=0.0,
                         eval_interval=15, eval_iters=2, log_interval=5),
-    "cpu": TrainConfig(max_steps=120, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=10, weight_decay=0.0,
-                       eval_interval=40, eval_iters=2, log_interval=10),
-    "gpu": TrainConfig(max_steps=300, batch_size=32, lr=2e-5, min_lr=2e-6, warmup_steps=20, weight_decay=0.0,
+    "cpu": TrainConfig(max_steps=60, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=6, weight_decay=0.0,
+                       eval_interval=30, eval_iters=2, log_interval=10),
+    "gpu": TrainConfig(max_steps=300, batch_size=32, lr=3e-5, min_lr=3e-6, warmup_steps=20, weight_decay=0.0,
                        eval_interval=100, eval_iters=8, log_interval=10),
 }
 
@@ -224,7 +224,7 @@ def plot_calibration(cal: dict[str, Any], png_path: str | os.PathLike, title: st
     if pts:
         ax.plot(*zip(*pts), "o-", label=f"reward model (ECE {cal['ece']:.3f})")
     ax.set_ylabel("empirical P(a preferred)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     ax_n.bar(centres, cal["counts"], width=edges[1] - edges[0], color="tab:blue", alpha=0.6)
@@ -333,7 +333,7 @@ def run_reward(
         ev = evaluate_reward_model(rm, tok, test_pairs)
         write_json(out / "eval.json", {k: v for k, v in ev.items() if k not in ("r_chosen", "r_rejected")})
         plot_calibration(ev["calibration"], out / "calibration.png",
-                         title=f"reward model on {Path(test).name} (accuracy {ev['accuracy']:.2f})")
+                         title=f"{Path(test).name}: accuracy {ev['accuracy']:.2f}")
         stats.update(test_accuracy=ev["accuracy"], test_per_kind_accuracy=ev["per_kind_accuracy"],
                      test_ece=ev["calibration"]["ece"])
         run_config["test"] = {"data": str(test), "accuracy": ev["accuracy"], "ece": ev["calibration"]["ece"]}
