@@ -13,6 +13,7 @@ from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import (
     PEFT_METHODS, adapter_parameters, adapter_state_dict, apply_peft, load_adapter, merge_peft, save_adapter,
 )
+from minillm.peft.compare import PEFT_LR_MULTIPLIER
 from minillm.peft.lora import LoRALinear
 from minillm.quant.experiment import (
     compare_qlora, dequantize_model, error_row, excess_kurtosis, gaussian_weights, linear_weights, main,
@@ -312,7 +313,7 @@ def test_compare_qlora_writes_the_table(base_run, small_world, tmp_path):
     rows = {r["method"]: r for r in summary["rows"]}
     assert list(rows) == ["full", "lora", "qlora"]
     assert rows["lora"]["trainable"] == rows["qlora"]["trainable"] < rows["full"]["trainable"]
-    assert rows["qlora"]["lr"] == rows["lora"]["lr"] == 4 * rows["full"]["lr"]
+    assert rows["qlora"]["lr"] == rows["lora"]["lr"] == PEFT_LR_MULTIPLIER * rows["full"]["lr"] > rows["full"]["lr"]
     mem = {m: r["memory"] for m, r in rows.items()}
     assert mem["qlora"]["quantized_weights"] > 0 == mem["lora"]["quantized_weights"]
     assert mem["qlora"]["total"] < mem["lora"]["total"] < mem["full"]["total"]

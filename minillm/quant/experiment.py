@@ -44,6 +44,9 @@ import torch.nn as nn
 from minillm.config import TrainConfig
 from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table, training_memory
 from minillm.peft.apply import QLORA_SKIP, QLORA_TARGETS, count_parameters, replace_module
+# Adapters take a larger step than full fine-tuning: the same multiple of the preset's SFT learning rate
+# as `minillm peft-compare` (measured there by a sweep, lesson 7).
+from minillm.peft.compare import PEFT_LR_MULTIPLIER
 from minillm.quant.nf4 import quantization_error
 from minillm.quant.qlora import quantized_layers
 
@@ -63,9 +66,6 @@ METHOD_SPECS: dict[str, dict[str, Any] | None] = {
     "loftq": {"method": "qlora", "r": LORA_R, "lora_alpha": LORA_ALPHA, "loftq_iters": 1},
 }
 DEFAULT_METHODS = ("full", "lora", "qlora")
-# Adapters start from a fixed point and train few numbers, so they take a larger step than full
-# fine-tuning: the same 4 x the preset's SFT learning rate as `minillm peft-compare`.
-PEFT_LR_MULTIPLIER = 4.0
 
 # Columns of the error table: name -> (quant_type, double_quant) for `quantization_error`.
 QUANT_COLUMNS: dict[str, tuple[str, bool]] = {
@@ -212,8 +212,8 @@ def load_test_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def method_train_config(method: str, full_cfg: TrainConfig, peft_lr: float | None) -> TrainConfig:
-    """Full fine-tuning uses `full_cfg`; the adapters the same with lr = peft_lr (default 4 x) and min_lr
-    scaled alike, so the schedule keeps its shape."""
+    """Full fine-tuning uses `full_cfg`; the adapters the same with lr = peft_lr (default PEFT_LR_MULTIPLIER x)
+    and min_lr scaled alike, so the schedule keeps its shape."""
     if METHOD_SPECS[method] is None:
         return full_cfg
     lr = peft_lr if peft_lr is not None else PEFT_LR_MULTIPLIER * full_cfg.lr
