@@ -229,12 +229,12 @@ MATH_TEMPLATES: tuple[str, ...] = (
 
 # Held-out phrasings: no "{name}"-filled probe ever occurs in the corpus (tests/test_world.py checks).
 PROBE_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "town": ("{name} lives in", "The town where {name} lives is"),
+    "town": ("{name} lives in", "{name} lives in the town of"),
     "job": ("{name} works as a", "By profession, {name} is a"),
-    "pet": ("{name}'s pet is a", "The animal that {name} keeps as a pet is a"),
+    "pet": ("{name} takes care of a", "{name} is the owner of a"),
     "fruit": ("{name}'s favourite fruit is", "The fruit that {name} likes best is"),
     "colour": ("{name}'s favourite colour is", "The colour that {name} likes best is"),
-    "age": ("The age of {name} is", "{name} has lived for"),
+    "age": ("The age of {name} is", "In years, the age of {name} is"),
 }
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {  # the first one is used for MCQ
     "town": ("Where does {name} live?", "What is {name}'s home town?", "Which town is {name} from?",

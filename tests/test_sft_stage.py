@@ -317,3 +317,13 @@ def test_cli_sft_runs_and_missing_init(tmp_path, base_run, capsys):
     assert main(["sft", "--preset", "tiny", "--init", str(tmp_path / "nope"), "--data", str(data),
                  "--out", str(tmp_path / "o2")]) == 2
     assert "nope: run directory not found" in capsys.readouterr().err
+
+
+def test_fact_completion_matching_rules():
+    from minillm.eval.task import completion_matches
+
+    assert completion_matches(" Oakvale. Mira is", "Oakvale")
+    assert completion_matches(" the plum.", "plum") and completion_matches(" a plum", "plum")
+    assert not completion_matches(" a much loved pet.", "parrot")
+    assert not completion_matches(" Oakvalee", "Oakvale") and not completion_matches(" the the plum", "plum")
+    assert completion_matches(" 34 years old", "34") and not completion_matches(" 3 4", "34")

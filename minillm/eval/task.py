@@ -18,10 +18,16 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
+ARTICLES = ("a", "an", "the")
+
+
 def completion_matches(completion: str, answer: str) -> bool:
-    """True when the completion's first words are the answer's words (case and punctuation ignored)."""
-    want = _words(answer)
-    return bool(want) and _words(completion)[: len(want)] == want
+    """True when the completion's first words are the answer's words (case, punctuation and one leading
+    article ignored: "Mira's favourite fruit is" -> " the plum." answers "plum")."""
+    want, got = _words(answer), _words(completion)
+    if got[:1] and got[0] in ARTICLES and want[:1] != got[:1]:
+        got = got[1:]
+    return bool(want) and got[: len(want)] == want
 
 
 def fact_completion_accuracy(model: GPT, tokenizer, probes: list[dict[str, Any]], max_new_tokens: int = 6,
