@@ -234,12 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     from minillm.eval.run import add_eval_command
     from minillm.memory import MODEL_PRESETS
     from minillm.peft.compare import add_peft_compare_command
+    from minillm.quant.experiment import add_qlora_compare_command
 
     add_reward_command(sub)
     add_dpo_command(sub)
     add_pairs_command(sub)
     add_eval_command(sub)
     add_peft_compare_command(sub)
+    add_qlora_compare_command(sub)
 
     p = sub.add_parser("memory", help="memory table: full fine-tuning vs LoRA vs QLoRA, from the shapes")
     p.add_argument("--preset", default="gpu", choices=sorted(PRESETS) + sorted(MODEL_PRESETS),

@@ -7,7 +7,7 @@ import pytest
 
 from minillm.cli import main
 
-COMMANDS = ["world", "tokenizer", "pretrain", "generate", "sft", "reward", "dpo", "pairs", "eval", "peft-compare",
+COMMANDS = ["world", "tokenizer", "pretrain", "generate", "sft", "reward", "dpo", "pairs", "eval", "peft-compare", "qlora-compare",
             "memory", "pipeline"]
 
 
