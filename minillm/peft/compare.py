@@ -35,7 +35,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,7 @@ def parse_methods(text: str | Sequence[str] | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------- counting parameters and bytes
-def parameter_share(model: nn.Module) -> dict[str, float]:
+def parameter_share(model: nn.Module) -> dict[str, Any]:
     """{"trainable", "total", "percent"}: percent = 100 * trainable / total, every parameter counted once."""
     trainable, total = count_parameters(model)
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
@@ -127,11 +127,14 @@ def analytic_parameter_table(
 
 # ---------------------------------------------------------------------- timing
 def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer read afterwards includes it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
-def _clock(device: torch.device):
+def _clock(device: torch.device) -> Callable[[], float]:
     """CPU: the process's CPU time, which other programs on a shared machine barely disturb (wall time can
     triple under load while CPU time moves by 1%); GPU: wall time, read after synchronising."""
     return time.process_time if device.type == "cpu" else time.perf_counter
@@ -394,15 +397,16 @@ def render_report(summary: dict[str, Any]) -> str:
 
 
 def plot_comparison(rows: list[dict[str, Any]], png_path: str | os.PathLike) -> Path:
-    """Bar chart: trainable share (log scale), held-out exact match and unmerged slowdown per method."""
+    """Bar charts per method: trainable share (log scale), validation loss, held-out exact match, slowdown."""
     from matplotlib.figure import Figure
 
     from minillm.plots import save_figure
 
     names = [r["method"] for r in rows]
-    fig = Figure(figsize=(13, 3.8))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(16, 3.8))
+    axes = fig.subplots(1, 4)
     panels = [("trainable parameters (% of total, log)", [r["percent"] for r in rows]),
+              ("SFT validation loss (lower is better)", [r["val_loss"] or 0.0 for r in rows]),
               ("held-out exact match", [r["exact_match"] for r in rows]),
               ("forward time / base (unmerged)", [r["slowdown_unmerged"] for r in rows])]
     for ax, (title, values) in zip(axes, panels):
@@ -412,7 +416,7 @@ def plot_comparison(rows: list[dict[str, Any]], png_path: str | os.PathLike) -> 
         ax.tick_params(axis="x", rotation=60)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_yscale("log")
-    axes[2].axhline(1.0, color="k", lw=0.8)
+    axes[3].axhline(1.0, color="k", lw=0.8)
     fig.tight_layout()
     return save_figure(fig, png_path)
 
