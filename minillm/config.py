@@ -75,8 +75,8 @@ PRESETS: dict[str, Preset] = {
         model=GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=128, dropout=0.0),
         pretrain=TrainConfig(max_steps=1200, batch_size=24, lr=3e-3, min_lr=3e-4, warmup_steps=50,
                              eval_interval=300, eval_iters=8, log_interval=25),
-        sft=TrainConfig(max_steps=300, batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=30, weight_decay=0.0,
-                        eval_interval=100, eval_iters=4, log_interval=20),
+        sft=TrainConfig(max_steps=500, batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=30, weight_decay=0.0,
+                        eval_interval=250, eval_iters=4, log_interval=25),
     ),
     # GPT-2 small (124M) on one consumer GPU.
     "gpu": Preset(

@@ -19,6 +19,35 @@ from minillm.pretrain import apply_peft_spec, load_run, save_run_files
 from minillm.train import TrainResult, run_config_dict, train
 
 
+def pretraining_token_ids(base_cfg: dict[str, Any], tokenizer) -> set[int]:
+    """The token ids that occur in the corpus the base run was pretrained on (empty if unknown)."""
+    from minillm.datasets import tokenize_corpus
+
+    corpus = base_cfg.get("data", {}).get("train") if isinstance(base_cfg.get("data"), dict) else None
+    if not corpus or not Path(corpus).exists():
+        return set()
+    return set(tokenize_corpus(corpus, tokenizer).unique().tolist())
+
+
+def freeze_learned_embeddings(model: torch.nn.Module, learned_ids: set[int]) -> int:
+    """Zero the gradient of the embedding rows of `learned_ids`; returns how many rows are frozen.
+
+    Why: the embedding is tied to the output layer, so every SFT step pushes down the output row of every
+    token that is not the target. The 40 training characters' names are targets; the held-out characters'
+    names never are, so full fine-tuning teaches the model to stop saying them ("How old is Corin?" ->
+    "Yorick is 74 years old.": the right fact, another name). Rows pretraining learned are kept as they are;
+    rows it never trained (the chat tokens, words that only SFT uses, such as "sorry") still learn.
+    With zero gradient AdamW leaves a row exactly unchanged (SFT uses no weight decay on embeddings:
+    `configure_optimizer` decays matrices, and the preset's SFT weight_decay is 0).
+    """
+    wte = model.wte.weight
+    keep = torch.ones(wte.shape[0], 1, dtype=wte.dtype, device=wte.device)
+    frozen = [i for i in learned_ids if 0 <= i < wte.shape[0]]
+    keep[frozen] = 0
+    wte.register_hook(lambda grad: grad * keep)
+    return len(frozen)
+
+
 def run_sft(
     init: str | os.PathLike,
     data: str | os.PathLike,
@@ -29,6 +58,7 @@ def run_sft(
     loss_on: str = "response",
     limit: int | None = None,
     val_fraction: float = 0.05,
+    embeddings: str = "new",
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, TrainResult, dict[str, Any]]:
@@ -37,7 +67,11 @@ def run_sft(
     loss_on="response" trains on the assistant tokens only (the chat template's loss mask);
     loss_on="all" is the masking ablation. `limit` keeps only the first N conversations (data-size
     experiments). A small validation split (val_fraction) is held out of the training file.
+    embeddings (full fine-tuning only): "new" trains only the embedding rows of tokens the base model
+    never saw in pretraining (see `freeze_learned_embeddings`), "all" trains the whole table.
     """
+    if embeddings not in ("new", "all"):
+        raise ValueError(f"embeddings must be 'new' or 'all', got {embeddings!r}")
     if loss_on not in ("response", "all"):
         raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
     model, tok, base_cfg = load_run(init)
@@ -65,9 +99,13 @@ def run_sft(
         return train_get(split, gen) if split == "train" else val_get(split, gen)
 
     model = apply_peft_spec(model, peft)
+    n_frozen_rows = 0
+    if not peft and embeddings == "new":
+        n_frozen_rows = freeze_learned_embeddings(model, pretraining_token_ids(base_cfg, tok))
     # train_examples counts conversations; with packing, train_rows counts the packed rows they fill
     stats = {"conversations": len(chats), "dropped_too_long": dropped, "train_examples": n_train,
-             "val_examples": len(val), "packing": packing, "loss_on": loss_on}
+             "val_examples": len(val), "packing": packing, "loss_on": loss_on, "embeddings": embeddings,
+             "frozen_embedding_rows": n_frozen_rows}
     if packing:
         stats["train_rows"] = len(train_ex)
     run_config = run_config_dict(stage="sft", model=base_cfg["model"], train=train_cfg, peft=peft,

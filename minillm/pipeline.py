@@ -172,7 +172,8 @@ def stage_sft(ctx: Ctx) -> None:
 
 
 def stage_sft_experiments(ctx: Ctx) -> None:
-    """Data size (16, 64, 256, all chats) and the masking ablation (loss on all tokens)."""
+    """Data size (16, 64, 256, all chats), the masking ablation (loss on all tokens) and training the whole
+    embedding table (which makes the model forget the names SFT never asks it to say)."""
     from minillm.cli import stage_train_config
     from minillm.finetune import run_sft
     from minillm.plots import plot_series
@@ -193,10 +194,13 @@ def stage_sft_experiments(ctx: Ctx) -> None:
     rows.append([f"all ({n_all} chats)", full["exact_match"], full["refusal_accuracy"], full["gold_reward"]])
     sizes.append(n_all)
     ems.append(full["exact_match"])
-    out = ctx["out"] / "sft_experiments" / "loss_on_all"
-    run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", out, cfg, loss_on="all", progress=False)
-    r = _sft_eval(out, test)
-    rows.append(["all chats, loss on every token", r["exact_match"], r["refusal_accuracy"], r["gold_reward"]])
+    ablations = [("all chats, loss on every token", "loss_on_all", {"loss_on": "all"}),
+                 ("all chats, whole embedding table trained", "embeddings_all", {"embeddings": "all"})]
+    for label, name, kwargs in ablations:
+        out = ctx["out"] / "sft_experiments" / name
+        run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", out, cfg, progress=False, **kwargs)
+        r = _sft_eval(out, test)
+        rows.append([label, r["exact_match"], r["refusal_accuracy"], r["gold_reward"]])
     plot_series(sizes, {"held-out exact match": ems}, ctx["out"] / "sft_experiments" / "data_size.png",
                 xlabel="SFT chats", title="SFT data size", logx=True)
     ctx["timings"]["sft_experiments"] = time.perf_counter() - t0

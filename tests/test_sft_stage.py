@@ -327,3 +327,20 @@ def test_fact_completion_matching_rules():
     assert not completion_matches(" a much loved pet.", "parrot")
     assert not completion_matches(" Oakvalee", "Oakvale") and not completion_matches(" the the plum", "plum")
     assert completion_matches(" 34 years old", "34") and not completion_matches(" 3 4", "34")
+
+
+def test_sft_keeps_the_embedding_rows_pretraining_learned(tmp_path, tok, base_run):
+    """embeddings="new": rows of corpus tokens stay bit-identical, rows pretraining never used (chat tokens) train;
+    embeddings="all" changes the learned rows too."""
+    from minillm.datasets import tokenize_corpus
+    from minillm.pretrain import load_run
+
+    base, _, cfg = load_run(base_run)
+    learned = tokenize_corpus(cfg["data"]["train"], tok).unique()
+    data = write_jsonl(tmp_path / "d.jsonl", world_rows("sft_train.jsonl", 40))
+    new, _, stats = run_sft(base_run, data, tmp_path / "new", sft_cfg(max_steps=3))
+    assert stats["frozen_embedding_rows"] == learned.numel()
+    assert torch.equal(new.wte.weight[learned], base.wte.weight[learned])
+    assert not torch.equal(new.wte.weight[tok.assistant_id], base.wte.weight[tok.assistant_id])
+    every, _, _ = run_sft(base_run, data, tmp_path / "all", sft_cfg(max_steps=3), embeddings="all")
+    assert not torch.equal(every.wte.weight[learned], base.wte.weight[learned])
