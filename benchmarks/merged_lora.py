@@ -5,7 +5,8 @@
 Unmerged, every adapted layer computes W x + s B (A x): two extra thin matmuls per layer. Merged,
 W' = W + s B A is folded into the weight once (`minillm.peft.apply.merge_peft`) and the model *is* a plain
 GPT again, so the budget is t(merged) / t(base) <= 1.05. The three models take turns call by call
-(`minillm.peft.compare.forward_seconds`), so a change in machine load hits them alike; compare the ratios.
+(`minillm.peft.compare.forward_seconds`: on a CPU the process's CPU time, which other programs on a shared
+machine barely disturb; on a GPU synchronised wall time), and the best of many calls counts.
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def main() -> None:
         gap = (lora(idx) - merged(idx)).abs().max().item()
         moved = (lora(idx) - base(idx)).abs().max().item()
     t = forward_seconds({"base": base, "unmerged": lora, "merged": merged}, idx, args.repeats, args.seconds)
+    clock = "CPU time" if idx.device.type == "cpu" else "wall time"
     print(f"model: {cfg.n_layer} layers, n_embd {cfg.n_embd}; input {tuple(idx.shape)}; LoRA r={args.r} on "
-          f"{args.targets}; threads {torch.get_num_threads()}")
+          f"{args.targets}; threads {torch.get_num_threads()}; best {clock} per forward")
     print(f"max |logits unmerged - merged| = {gap:.2e}  (the adapter moves the logits by up to {moved:.2e})")
     for name in ("base", "unmerged", "merged"):
         print(f"{name:9s} {t[name] * 1e3:8.2f} ms   ratio to base {t[name] / t['base']:.3f}")

@@ -349,14 +349,15 @@ def _ratio(x: float | None) -> str:
 def render_table(rows: list[dict[str, Any]]) -> str:
     """The measured comparison as a markdown table (one row per method)."""
     lines = ["| method | trainable | % of total | adapter file (KB) | train time (s) | params+grads+AdamW (MB) | "
-             "val loss | exact match | vs full | slowdown unmerged | slowdown merged |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "val loss | exact match | vs full | refusals | slowdown unmerged | slowdown merged |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         val = "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}"
         lines.append(
             f"| {r['method']} | {r['trainable']:,} | {r['percent']:.3f} | {r['adapter_bytes'] / 1024:,.1f} | "
             f"{r['train_seconds']:.1f} | {_mb(r['train_bytes'])} | {val} | {r['exact_match']:.3f} | "
-            f"{_ratio(r.get('exact_match_vs_full'))} | {r['slowdown_unmerged']:.2f} | {_ratio(r['slowdown_merged'])} |"
+            f"{_ratio(r.get('exact_match_vs_full'))} | {r['refusal_accuracy']:.3f} | {r['slowdown_unmerged']:.2f} | "
+            f"{_ratio(r['slowdown_merged'])} |"
         )
     return "\n".join(lines)
 
@@ -381,7 +382,8 @@ def render_report(summary: dict[str, Any]) -> str:
         f"{summary['full_lr']:g} for full fine-tuning, "
         + ", ".join(sorted({f"{r['lr']:g}" for r in rows if r['spec'] is not None})) + " for the PEFT methods.",
         "Val loss: SFT loss (nats per response token) on the held-out 5% of the training chats. "
-        f"Exact match: greedy answers to `{summary['test_data']}` (fact and arithmetic questions). "
+        f"Exact match: greedy answers to `{summary['test_data']}` (fact and arithmetic questions); refusals: the "
+        "share of its forbidden requests refused. "
         f"Slowdown: forward time / base forward time on a {tuple(summary['timing_input'])} batch, best of N, "
         "timed round-robin in the same run (CPU time on a CPU); merged = the update folded into W (LoRA, VeRA, KronA, token rows).",
         ("PEFT methods also train the embedding rows of the chat tokens "
