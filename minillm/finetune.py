@@ -98,6 +98,12 @@ def run_sft(
     def get_batch(split: str, gen: torch.Generator):
         return train_get(split, gen) if split == "train" else val_get(split, gen)
 
+    if peft and "trainable_token_indices" not in peft and peft["method"] not in ("last_k", "bitfit"):
+        # The chat tokens never occurred in pretraining: a method that freezes the embeddings could not
+        # learn to end an answer with <|end|> (lesson 7). Their few rows train with the adapter.
+        from minillm.peft.tokens import chat_token_ids
+
+        peft = {**peft, "trainable_token_indices": chat_token_ids(tok)}
     model = apply_peft_spec(model, peft)
     n_frozen_rows = 0
     if not peft and embeddings == "new":

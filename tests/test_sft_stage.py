@@ -187,7 +187,10 @@ def test_lora_run_reloads_with_its_adapter(tmp_path, tok, base_run):
     model, _, _ = run_sft(base_run, data, out, sft_cfg(), peft=peft, progress=False)
     assert (out / "adapter.pt").exists()
     reloaded, _, run_config = load_run(out)
-    assert run_config["peft"] == peft
+    from minillm.peft.tokens import chat_token_ids
+
+    # run_sft adds the chat tokens' embedding rows to every adapter (pretraining never saw those tokens)
+    assert run_config["peft"] == {**peft, "trainable_token_indices": chat_token_ids(tok)}
     assert sum(isinstance(m, LoRALinear) for m in reloaded.modules()) == TINY["n_layer"]  # c_attn per block
     base, _, _ = load_run(base_run)
     from_adapter = load_adapter(load_run(base_run)[0], out / "adapter.pt")
@@ -197,7 +200,7 @@ def test_lora_run_reloads_with_its_adapter(tmp_path, tok, base_run):
         torch.testing.assert_close(reloaded(ids), want)
         torch.testing.assert_close(from_adapter(ids), want)
         assert not torch.allclose(base(ids), want, atol=1e-4)  # the adapter changed the output...
-    frozen = {n: p for n, p in reloaded.named_parameters() if "lora" not in n}
+    frozen = {n: p for n, p in reloaded.named_parameters() if "lora" not in n and "delta" not in n}
     base_params = dict(base.named_parameters())
     for n, p in frozen.items():  # ...and only the adapter: the base weights are the pretrained ones
         assert torch.equal(p, base_params[n.replace(".base", "")]), n
@@ -313,7 +316,8 @@ def test_cli_sft_runs_and_missing_init(tmp_path, base_run, capsys):
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["step"] == 2 and printed["conversations"] == 12 and printed["packing"] is True
-    assert load_run(out)[2]["peft"] == {"method": "lora", "r": 2}
+    assert {k: v for k, v in load_run(out)[2]["peft"].items() if k != "trainable_token_indices"} == \
+        {"method": "lora", "r": 2}
     assert main(["sft", "--preset", "tiny", "--init", str(tmp_path / "nope"), "--data", str(data),
                  "--out", str(tmp_path / "o2")]) == 2
     assert "nope: run directory not found" in capsys.readouterr().err
