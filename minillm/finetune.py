@@ -37,8 +37,8 @@ def freeze_learned_embeddings(model: torch.nn.Module, learned_ids: set[int]) -> 
     names never are, so full fine-tuning teaches the model to stop saying them ("How old is Corin?" ->
     "Yorick is 74 years old.": the right fact, another name). Rows pretraining learned are kept as they are;
     rows it never trained (the chat tokens, words that only SFT uses, such as "sorry") still learn.
-    With zero gradient AdamW leaves a row exactly unchanged (SFT uses no weight decay on embeddings:
-    `configure_optimizer` decays matrices, and the preset's SFT weight_decay is 0).
+    With zero gradient AdamW leaves a row exactly unchanged as long as weight_decay is 0, as in every
+    preset's SFT config (decoupled weight decay would still shrink the frozen rows).
     """
     wte = model.wte.weight
     keep = torch.ones(wte.shape[0], 1, dtype=wte.dtype, device=wte.device)

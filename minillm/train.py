@@ -3,7 +3,7 @@
     step s:  lr_s = warmup then cosine(lr, min_lr)
              g = (1 / N) * sum over micro-batches of grad(sum of per-unit losses)    N = units in the step
              g <- g * min(1, clip / ||g||)
-             theta <- AdamW(theta, g, lr_s)   (weight decay on linear weights only)
+             theta <- AdamW(theta, g, lr_s)   (weight decay on matrices only)
 
 A stage supplies `get_batch(split, generator)` and `loss_fn(model, batch) -> (loss_sum, n_units)`: the
 *sum* of its per-unit losses (tokens for language modelling, pairs for DPO) and how many units it summed.
@@ -45,18 +45,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay only on the weight matrices of linear layers.
+    """AdamW over the trainable parameters; weight decay only on matrices (not biases, LayerNorm gains).
 
-    Biases and LayerNorm gains are not decayed (pulling a gain to 0 switches a feature off), and neither
-    are embedding tables (minGPT's convention): a token row that gets no gradient in a step - a word the
-    batch does not use - then stays exactly where it is, which fine-tuning relies on.
+    Pulling a bias or a LayerNorm gain toward 0 would fight its job (a gain of 0 switches a feature off).
+    Embedding tables are matrices and are decayed, as in GPT-2/nanoGPT; with weight_decay = 0 (the SFT
+    presets) a row that gets no gradient stays exactly where it is.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("configure_optimizer: the model has no trainable parameters")
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     try:  # the fused kernel (CPU and CUDA, torch >= 2.4) is the same update in one pass over memory
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
