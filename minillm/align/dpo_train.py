@@ -54,13 +54,14 @@ __all__ = [
 
 # Used until config.Preset has a `dpo` field (then that one wins). DPO moves a model that already produces the
 # chosen answers, so the step is small: TRL defaults to lr 1e-6 for billion-parameter models; our small SFT models
-# need more to move in ~60 steps (lesson 6 measures 5e-6 and 2e-5 at the cpu preset). weight_decay 0 as TRL.
+# still need a larger one to move in a few dozen steps; lesson 6 measures 5e-6 and 2e-5 at the cpu preset, where
+# the larger step unlearns refusals. weight_decay 0 as TRL.
 DPO_TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(max_steps=30, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=3, weight_decay=0.0,
                         eval_interval=15, eval_iters=2, log_interval=5),
-    "cpu": TrainConfig(max_steps=60, batch_size=32, lr=2e-5, min_lr=2e-6, warmup_steps=10, weight_decay=0.0,
-                       eval_interval=30, eval_iters=2, log_interval=10),
-    "gpu": TrainConfig(max_steps=300, batch_size=32, lr=5e-6, min_lr=5e-7, warmup_steps=30, weight_decay=0.0,
+    "cpu": TrainConfig(max_steps=30, batch_size=32, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
+                       eval_interval=15, eval_iters=2, log_interval=5),
+    "gpu": TrainConfig(max_steps=300, batch_size=32, lr=1e-6, min_lr=1e-7, warmup_steps=30, weight_decay=0.0,
                        eval_interval=100, eval_iters=8, log_interval=10),
 }
 
@@ -459,8 +460,8 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------ pipeline
-# The main job's DPO: plain DPO at the cpu preset's lr unlearns the refusals (the refusal string is also a
-# rejected "needless refusal" in 3x as many pairs), the RPO term keeps them (lesson 6, section 9).
+# The main job's DPO: plain DPO unlearns the refusals (the refusal sentence is also a rejected "needless refusal"
+# in more pairs than it is chosen); the RPO term and a small step limit that (lesson 6, section 9).
 PIPELINE_DPO = {"beta": 0.1, "loss_type": "sigmoid", "rpo_alpha": 1.0}
 
 
