@@ -469,9 +469,9 @@ def pipeline_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
     """The DPO stage of the main job; returns report rows (metric -> value).
 
     ctx: "preset", "data" (world data dir), "out" (pipeline dir), "sft" (SFT run dir); optional "progress".
-    Trains with PIPELINE_DPO (DPO plus the RPO term) and writes the run to ctx["out"]/dpo. Rows: greedy gold reward and exact match on sft_test for SFT and DPO,
-    the implicit-reward accuracy on prefs_test, the gold reward of sampled answers (T=1) of both, and
-    KL(pi || pi_ref) of DPO.
+    Trains with PIPELINE_DPO (DPO plus the RPO term) and writes the run to ctx["out"]/dpo. Rows: greedy gold
+    reward and exact match on sft_test for SFT and DPO, the implicit-reward accuracy on prefs_test, the gold
+    reward of sampled answers (T=1) of both, and KL(pi || pi_ref) of DPO.
     """
     from minillm.eval.task import evaluate_instructions
     from minillm.pretrain import load_run
