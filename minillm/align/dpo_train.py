@@ -180,10 +180,13 @@ def dpo_loss_fn(reference: nn.Module | None, beta: float = 0.1, loss_type: str =
 # ------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate_dpo(policy: nn.Module, reference: nn.Module | None, tokenizer, pairs: list[PreferencePair],
-                 beta: float = 0.1, average: bool = False, batch_size: int = 32) -> dict[str, Any]:
+                 beta: float = 0.1, average: bool = False, batch_size: int = 32,
+                 block_size: int | None = None) -> dict[str, Any]:
     """Implicit-reward accuracy on pairs: mean[r_w > r_l] with r = beta (log pi(y|x) - log pi_ref(y|x)),
-    overall and per `rejected_kind`, with the mean rewards, margin and log-probs (TRL's names)."""
-    block = policy.config.block_size if hasattr(policy, "config") else None
+    overall and per `rejected_kind`, with the mean rewards, margin and log-probs (TRL's names).
+
+    Pairs longer than block_size (default: the policy's context) are left out."""
+    block = block_size or getattr(getattr(policy, "config", None), "block_size", None)
     kept, encoded = [], []
     for p in pairs:
         e = encode_pair(tokenizer, p)
@@ -315,6 +318,8 @@ def run_dpo(
         raise FileNotFoundError(f"{test}: file not found")
     model, tok, base_cfg = load_plain_run(init)
     block = model.config.block_size
+    if peft and peft["method"] in ("prefix", "prompt"):
+        block -= int(peft.get("num_virtual_tokens", 0))  # the virtual tokens take positions of the context
     pairs, read_stats = read_preferences(data)
     if read_stats["identical_skipped"]:
         print(f"[dpo] skipped {read_stats['identical_skipped']} pairs whose chosen equals rejected")
@@ -371,7 +376,7 @@ def run_dpo(
         if reference is not None:
             reference.to(device)
         test_pairs, _ = read_preferences(test)
-        ev = evaluate_dpo(model, reference, tok, test_pairs, beta, average)
+        ev = evaluate_dpo(model, reference, tok, test_pairs, beta, average, block_size=block)
         write_json(out / "eval.json", {"data": str(test), **ev})
         stats.update(test_accuracy=ev["rewards/accuracies"], test_margin=ev["rewards/margins"],
                      test_per_kind_accuracy=ev["per_kind_accuracy"])
