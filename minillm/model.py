@@ -127,24 +127,28 @@ class CausalSelfAttention(nn.Module):
                 past_k, past_v = past_k.expand(B, -1, -1, -1), past_v.expand(B, -1, -1, -1)
             k = torch.cat([past_k.to(k.dtype), k], dim=2)  # (B, H, T_past + T, D)
             v = torch.cat([past_v.to(v.dtype), v], dim=2)
+        # mask None: plain causal attention over new tokens (no past), or one new token that may see
+        # every key (a decode step without padding) - then there is nothing to mask.
+        causal = mask is None and T > 1
         if self.attn_impl == "explicit":
-            if mask is None:
+            if causal:
                 mask = attention_mask_4d(T, T, None, x.device)
             y = self._explicit_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None,
+                q, k, v, attn_mask=mask, is_causal=causal,
                 dropout_p=self.dropout if self.training else 0.0,
             )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
     def _explicit_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """softmax(Q K^T / sqrt(d) + M) V, the equation on the slide, one step per line."""
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, T_total)
-        scores = scores.masked_fill(~mask, float("-inf"))  # M: -inf where a key is hidden
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # M: -inf where a key is hidden
         weights = self.attn_dropout(torch.softmax(scores, dim=-1))
         return weights @ v  # (B, H, T, D)
 
@@ -253,8 +257,8 @@ class GPT(nn.Module):
                 f"GPT: attention_mask must have shape {(B, t_past + T)} (past + new tokens), "
                 f"got {tuple(attention_mask.shape)}"
             )
-        mask = None  # plain causal attention, the fast path
-        if attention_mask is not None or t_past > 0:
+        mask = None  # the fast paths: causal attention without a past, or one token seeing all of it
+        if attention_mask is not None or (t_past > 0 and T > 1):
             mask = attention_mask_4d(T, t_past + T, attention_mask, x.device)
         x = self.drop(x + self.wpe(position_ids))
         presents: list[KV] = []

@@ -107,6 +107,8 @@ def generate(
         attention_mask = torch.ones_like(idx)
     attention_mask = attention_mask.to(device)
     block = model.config.block_size
+    # Without padding the model's default positions and causal mask are exactly right: skip building them.
+    padded = not bool(attention_mask.all())
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
     past: list[KV] | None = None
     was_training = model.training
@@ -117,15 +119,15 @@ def generate(
                 # No cache yet, no cache wanted, or the window slid past block_size: run the cropped window.
                 window_ids, window_mask = idx[:, -block:], attention_mask[:, -block:]
                 logits, past = model(
-                    window_ids, attention_mask=window_mask,
-                    position_ids=positions_from_mask(window_mask), use_cache=True,
+                    window_ids, attention_mask=window_mask if padded else None,
+                    position_ids=positions_from_mask(window_mask) if padded else None, use_cache=True,
                 )
             else:
                 # Only the newest token runs; it attends to the cached keys/values.
                 window_mask = attention_mask[:, -past[0][0].shape[2] - 1:]  # the cached tokens + this one
                 logits, past = model(
-                    idx[:, -1:], attention_mask=window_mask, past_key_values=past,
-                    position_ids=positions_from_mask(window_mask)[:, -1:], use_cache=True,
+                    idx[:, -1:], attention_mask=window_mask if padded else None, past_key_values=past,
+                    position_ids=positions_from_mask(window_mask)[:, -1:] if padded else None, use_cache=True,
                 )
             if not use_cache:
                 past = None
