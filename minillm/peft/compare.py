@@ -74,16 +74,20 @@ def method_spec(method: str, token_ids: Sequence[int] | None = None) -> dict[str
     return spec
 
 
-def parse_methods(text: str | Sequence[str] | None) -> list[str]:
-    """'lora,full' or ['lora', 'full'] -> a validated list (None: every method), in the given order."""
+def parse_methods(text: str | Sequence[str] | None, specs: dict[str, Any] | None = None,
+                  default: Sequence[str] | None = None) -> list[str]:
+    """'lora,full' or ['lora', 'full'] -> a validated list (None: every default method), in the given order.
+
+    specs/default: the method table to validate against (this module's unless given)."""
+    specs = METHOD_SPECS if specs is None else specs
     if text is None:
-        return list(DEFAULT_METHODS)
+        return list(DEFAULT_METHODS if default is None else default)
     names = [m.strip() for m in text.split(",")] if isinstance(text, str) else list(text)
     names = [m for m in names if m]
-    unknown = [m for m in names if m not in METHOD_SPECS]
+    unknown = [m for m in names if m not in specs]
     if unknown or not names:
         raise ValueError(f"--methods: unknown method {unknown[0] if unknown else '(none given)'!r}; "
-                         f"choose from {list(METHOD_SPECS)}")
+                         f"choose from {list(specs)}")
     if len(set(names)) != len(names):
         raise ValueError(f"--methods: a method is listed twice in {names}")
     return names
@@ -212,10 +216,11 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def method_train_config(method: str, full_cfg: TrainConfig, peft_lr: float | None) -> TrainConfig:
+def method_train_config(method: str, full_cfg: TrainConfig, peft_lr: float | None,
+                        specs: dict[str, Any] | None = None) -> TrainConfig:
     """Full fine-tuning uses `full_cfg`; a PEFT method the same with lr = peft_lr (default
     PEFT_LR_MULTIPLIER x full_cfg.lr) and min_lr scaled alike, so the schedule keeps its shape."""
-    if METHOD_SPECS[method] is None:
+    if (METHOD_SPECS if specs is None else specs)[method] is None:
         return full_cfg
     lr = peft_lr if peft_lr is not None else PEFT_LR_MULTIPLIER * full_cfg.lr
     return replace(full_cfg, lr=lr, min_lr=full_cfg.min_lr * lr / full_cfg.lr)

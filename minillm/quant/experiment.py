@@ -34,7 +34,6 @@ import copy
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count,
 from minillm.peft.apply import QLORA_SKIP, QLORA_TARGETS, count_parameters, replace_module
 # Adapters take a larger step than full fine-tuning: the same multiple of the preset's SFT learning rate
 # as `minillm peft-compare` (measured there by a sweep, lesson 7).
+from minillm.peft import compare
 from minillm.peft.compare import PEFT_LR_MULTIPLIER
 from minillm.quant.nf4 import quantization_error
 from minillm.quant.qlora import quantized_layers
@@ -88,17 +88,7 @@ def method_spec(method: str, r: int = LORA_R, lora_alpha: float = LORA_ALPHA,
 
 def parse_methods(text: str | Sequence[str] | None) -> list[str]:
     """'full,lora,qlora' or a list -> validated method names in the given order (None: the default three)."""
-    if text is None:
-        return list(DEFAULT_METHODS)
-    names = [m.strip() for m in text.split(",")] if isinstance(text, str) else list(text)
-    names = [m for m in names if m]
-    unknown = [m for m in names if m not in METHOD_SPECS]
-    if unknown or not names:
-        raise ValueError(f"--methods: unknown method {unknown[0] if unknown else '(none given)'!r}; "
-                         f"choose from {list(METHOD_SPECS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--methods: a method is listed twice in {names}")
-    return names
+    return compare.parse_methods(text, METHOD_SPECS, DEFAULT_METHODS)
 
 
 # ---------------------------------------------------------------------- merging a 4-bit model
@@ -196,38 +186,15 @@ def render_error_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------- the fine-tuning comparison
-def load_test_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """sft_test rows ({messages: [user, assistant], kind, ...}); a bad row raises `path:line: why`."""
-    from minillm.datasets import read_jsonl
-
-    records = []
-    for lineno, record in read_jsonl(path):
-        roles = [m.get("role") for m in record.get("messages", []) if isinstance(m, dict)]
-        if "user" not in roles or "assistant" not in roles:
-            raise ValueError(f"{path}:{lineno}: a test record needs 'messages' with a user and an assistant turn")
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no test records")
-    return records
+load_test_records = compare.load_records
 
 
 def method_train_config(method: str, full_cfg: TrainConfig, peft_lr: float | None) -> TrainConfig:
-    """Full fine-tuning uses `full_cfg`; the adapters the same with lr = peft_lr (default PEFT_LR_MULTIPLIER x)
-    and min_lr scaled alike, so the schedule keeps its shape."""
-    if METHOD_SPECS[method] is None:
-        return full_cfg
-    lr = peft_lr if peft_lr is not None else PEFT_LR_MULTIPLIER * full_cfg.lr
-    return replace(full_cfg, lr=lr, min_lr=full_cfg.min_lr * lr / full_cfg.lr)
+    """Full fine-tuning uses `full_cfg`; the adapters the same with a higher lr (see peft-compare)."""
+    return compare.method_train_config(method, full_cfg, peft_lr, METHOD_SPECS)
 
 
-def _run_optimizer(model: nn.Module, cfg: TrainConfig, ckpt: Path) -> torch.optim.Optimizer:
-    """The run's AdamW as it ended (moments read back from ckpt.pt), so its bytes are measured, not predicted."""
-    from minillm.train import configure_optimizer
-    from minillm.utils import safe_torch_load
-
-    optimizer = configure_optimizer(model, cfg)
-    optimizer.load_state_dict(safe_torch_load(ckpt)["optimizer"])
-    return optimizer
+_run_optimizer = compare._optimizer_of_run
 
 
 def run_method(method: str, spec: dict[str, Any] | None, init: str | os.PathLike, data: str | os.PathLike,
