@@ -247,11 +247,12 @@ class GPT(nn.Module):
             )
         t_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if position_ids is None:
+            last = t_past + T - 1  # known without looking at a tensor (no device sync per decode step)
             position_ids = torch.arange(t_past, t_past + T, device=x.device)
-        if int(position_ids.max()) >= self.config.block_size:
-            raise ValueError(
-                f"GPT: position {int(position_ids.max())} is beyond block_size {self.config.block_size}"
-            )
+        else:
+            last = int(position_ids.max())
+        if last >= self.config.block_size:
+            raise ValueError(f"GPT: position {last} is beyond block_size {self.config.block_size}")
         if attention_mask is not None and attention_mask.shape != (B, t_past + T):
             raise ValueError(
                 f"GPT: attention_mask must have shape {(B, t_past + T)} (past + new tokens), "
