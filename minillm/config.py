@@ -58,6 +58,8 @@ class Preset:
     model: GPTConfig
     pretrain: TrainConfig
     sft: TrainConfig
+    reward: TrainConfig
+    dpo: TrainConfig
     vocab_size: int = 1024
 
 
@@ -69,6 +71,10 @@ PRESETS: dict[str, Preset] = {
                              eval_interval=30, eval_iters=2, log_interval=10),
         sft=TrainConfig(max_steps=40, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=5, weight_decay=0.0,
                         eval_interval=20, eval_iters=2, log_interval=10),
+        reward=TrainConfig(max_steps=30, batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=3, weight_decay=0.0,
+                           eval_interval=15, eval_iters=2, log_interval=5),
+        dpo=TrainConfig(max_steps=30, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=3, weight_decay=0.0,
+                        eval_interval=15, eval_iters=2, log_interval=5),
     ),
     # The default: the whole pipeline in minutes on a 2-core laptop CPU.
     "cpu": Preset(
@@ -77,6 +83,13 @@ PRESETS: dict[str, Preset] = {
                              eval_interval=300, eval_iters=8, log_interval=25),
         sft=TrainConfig(max_steps=500, batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=30, weight_decay=0.0,
                         eval_interval=250, eval_iters=4, log_interval=25),
+        # Reward model: TRL's default lr is 1e-4 (lesson 4 measures alternatives).
+        reward=TrainConfig(max_steps=60, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=6, weight_decay=0.0,
+                           eval_interval=30, eval_iters=2, log_interval=10),
+        # DPO moves a model that already produces the chosen answers: a small step (lesson 6 measures 5e-6 vs
+        # 2e-5; the larger one unlearns refusals). weight_decay 0 as in TRL.
+        dpo=TrainConfig(max_steps=30, batch_size=32, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
+                        eval_interval=15, eval_iters=2, log_interval=5),
     ),
     # GPT-2 small (124M) on one consumer GPU.
     "gpu": Preset(
@@ -85,6 +98,10 @@ PRESETS: dict[str, Preset] = {
                              warmup_steps=200, eval_interval=500, eval_iters=20, log_interval=50),
         sft=TrainConfig(max_steps=1000, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=50, weight_decay=0.0,
                         eval_interval=200, eval_iters=10, log_interval=50),
+        reward=TrainConfig(max_steps=300, batch_size=32, lr=3e-5, min_lr=3e-6, warmup_steps=20, weight_decay=0.0,
+                           eval_interval=100, eval_iters=8, log_interval=10),
+        dpo=TrainConfig(max_steps=300, batch_size=32, lr=1e-6, min_lr=1e-7, warmup_steps=30, weight_decay=0.0,
+                        eval_interval=100, eval_iters=8, log_interval=10),
     ),
 }
 

@@ -47,29 +47,14 @@ from minillm.train import CKPT_NAME, TrainResult, run_config_dict, train
 from minillm.utils import autocast_dtype, pick_device, safe_torch_load, write_json
 
 __all__ = [
-    "DPO_TRAIN_CONFIGS", "dpo_train_config", "concatenated_logps", "reference_logps", "precompute_reference_logps",
+    "dpo_train_config", "concatenated_logps", "reference_logps", "precompute_reference_logps",
     "response_lengths", "dpo_loss_fn", "check_rpo_alpha", "evaluate_dpo", "reward_and_kl", "run_dpo",
     "add_dpo_command", "cmd_dpo", "pipeline_dpo",
 ]
 
-# Used until config.Preset has a `dpo` field (then that one wins). DPO moves a model that already produces the
-# chosen answers, so the step is small: TRL defaults to lr 1e-6 for billion-parameter models; our small SFT models
-# still need a larger one to move in a few dozen steps; lesson 6 measures 5e-6 and 2e-5 at the cpu preset, where
-# the larger step unlearns refusals. weight_decay 0 as TRL.
-DPO_TRAIN_CONFIGS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(max_steps=30, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=3, weight_decay=0.0,
-                        eval_interval=15, eval_iters=2, log_interval=5),
-    "cpu": TrainConfig(max_steps=30, batch_size=32, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
-                       eval_interval=15, eval_iters=2, log_interval=5),
-    "gpu": TrainConfig(max_steps=300, batch_size=32, lr=1e-6, min_lr=1e-7, warmup_steps=30, weight_decay=0.0,
-                       eval_interval=100, eval_iters=8, log_interval=10),
-}
-
-
 def dpo_train_config(preset: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The preset's DPO TrainConfig (config.Preset.dpo if it exists, else DPO_TRAIN_CONFIGS)."""
-    cfg = getattr(get_preset(preset), "dpo", None) or DPO_TRAIN_CONFIGS[preset]
-    return override(cfg, overrides or {})
+    """The preset's DPO TrainConfig (`config.Preset.dpo`) with field overrides."""
+    return override(get_preset(preset).dpo, overrides or {})
 
 
 # ------------------------------------------------------------------------------------ log-probs

@@ -39,27 +39,14 @@ from minillm.train import CKPT_NAME, TrainResult, run_config_dict, train
 from minillm.utils import pick_device, safe_torch_load, write_json
 
 __all__ = [
-    "REWARD_TRAIN_CONFIGS", "reward_train_config", "reward_loss_fn", "score_sequences", "score_texts",
+    "reward_train_config", "reward_loss_fn", "score_sequences", "score_texts",
     "pair_rewards", "evaluate_reward_model", "calibration", "plot_calibration", "reward_offset",
     "run_reward", "load_reward_model", "add_reward_command", "cmd_reward", "pipeline_reward",
 ]
 
-# Used until config.Preset has a `reward` field (then that one wins). lr: TRL's RewardTrainer default is 1e-4
-# for pretrained LMs; our small models start from an SFT run and take a larger one (measured in lesson 4).
-REWARD_TRAIN_CONFIGS: dict[str, TrainConfig] = {
-    "tiny": TrainConfig(max_steps=30, batch_size=16, lr=3e-4, min_lr=3e-5, warmup_steps=3, weight_decay=0.0,
-                        eval_interval=15, eval_iters=2, log_interval=5),
-    "cpu": TrainConfig(max_steps=60, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=6, weight_decay=0.0,
-                       eval_interval=30, eval_iters=2, log_interval=10),
-    "gpu": TrainConfig(max_steps=300, batch_size=32, lr=3e-5, min_lr=3e-6, warmup_steps=20, weight_decay=0.0,
-                       eval_interval=100, eval_iters=8, log_interval=10),
-}
-
-
 def reward_train_config(preset: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The preset's reward-model TrainConfig (config.Preset.reward if it exists, else REWARD_TRAIN_CONFIGS)."""
-    cfg = getattr(get_preset(preset), "reward", None) or REWARD_TRAIN_CONFIGS[preset]
-    return override(cfg, overrides or {})
+    """The preset's reward-model TrainConfig (`config.Preset.reward`) with field overrides."""
+    return override(get_preset(preset).reward, overrides or {})
 
 
 # ------------------------------------------------------------------------------------ the loss
