@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from minillm.peft.lora import (
-    adapter_dtype, check_linear_like, check_not_merged_when_disabled, merge_target_weight, unmerge_weight,
+    adapter_dtype, check_linear_like, check_not_merged_when_disabled, merge_weight, unmerge_weight,
 )
 
 
@@ -125,10 +125,7 @@ class KronALinear(nn.Module):
         """W <- W + s kron(A, B); idempotent."""
         if self.merged:
             return
-        weight = merge_target_weight(self.base, "KronALinear")
-        self.register_buffer("unmerged_weight", weight.detach().clone(), persistent=False)
-        with torch.no_grad():
-            weight.add_(self.delta_weight().to(weight.dtype))
+        merge_weight(self, self.delta_weight, "KronALinear")
 
     def unmerge(self) -> None:
         """Restore the exact pre-merge weight."""

@@ -181,13 +181,7 @@ class LoRALinear(nn.Module):
         """W <- W + s B A for the active adapter; a second call does nothing (no double add)."""
         if self.active_adapter in self.merged_adapters:
             return
-        weight = merge_target_weight(self.base, "LoRALinear")
-        if not self.merged:
-            # Kept so that unmerge restores W bit for bit (W + dW - dW is only equal up to rounding).
-            self.register_buffer("unmerged_weight", weight.detach().clone(), persistent=False)
-        with torch.no_grad():
-            delta = self.adapters[self.active_adapter].delta_weight()
-            weight.add_(delta.to(weight.dtype))
+        merge_weight(self, self.adapters[self.active_adapter].delta_weight, "LoRALinear")
         self.merged_adapters.append(self.active_adapter)
 
     def unmerge(self) -> None:
@@ -219,6 +213,18 @@ def check_not_merged_when_disabled(layer: nn.Module) -> None:
             f"{type(layer).__name__}: adapters are disabled but merged into the weight; unmerge() first "
             "(the disable_adapters context manager does this for you)"
         )
+
+
+def merge_weight(layer: nn.Module, delta_weight, who: str) -> None:
+    """W <- W + delta_weight() in place (shared by LoRA, VeRA and KronA layers).
+
+    The first merge keeps a copy of W so that unmerge restores it bit for bit (W + dW - dW is only equal
+    up to rounding)."""
+    weight = merge_target_weight(layer.base, who)
+    if getattr(layer, "unmerged_weight", None) is None:
+        layer.register_buffer("unmerged_weight", weight.detach().clone(), persistent=False)
+    with torch.no_grad():
+        weight.add_(delta_weight().to(weight.dtype))
 
 
 def unmerge_weight(layer: nn.Module) -> None:
