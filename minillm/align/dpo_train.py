@@ -39,8 +39,8 @@ from minillm.align.dpo import DPO_LOSS_TYPES, _check_hyperparameters as check_dp
 from minillm.align.dpo import dpo_loss, dpo_metrics
 from minillm.align.logprobs import sequence_logprobs
 from minillm.align.preferences import (
-    BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair, encode_preferences,
-    load_plain_run, pair_batches, read_preferences, split_pairs,
+    BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair,
+    load_plain_run, pair_batches, prepare_pairs, read_preferences,
 )
 from minillm.config import TrainConfig, get_preset, override
 from minillm.train import CKPT_NAME, TrainResult, run_config_dict, train
@@ -305,14 +305,8 @@ def run_dpo(
     block = model.config.block_size
     if peft and peft["method"] in ("prefix", "prompt"):
         block -= int(peft.get("num_virtual_tokens", 0))  # the virtual tokens take positions of the context
-    pairs, read_stats = read_preferences(data)
-    if read_stats["identical_skipped"]:
-        print(f"[dpo] skipped {read_stats['identical_skipped']} pairs whose chosen equals rejected")
-    train_pairs, val_pairs = split_pairs(pairs, val_fraction, train_cfg.seed)
-    train_enc, dropped = encode_preferences(tok, train_pairs, block)
-    val_enc, dropped_val = encode_preferences(tok, val_pairs, block)
-    if dropped + dropped_val:
-        print(f"[dpo] dropped {dropped + dropped_val} pairs longer than block_size = {block} tokens")
+    prepared = prepare_pairs(tok, data, block, val_fraction, train_cfg.seed, "dpo")
+    train_enc, val_enc = prepared.train, prepared.val
 
     from minillm.pretrain import apply_peft_spec, save_run_files
 
@@ -338,8 +332,7 @@ def run_dpo(
 
     hyper = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing, "average_logps": average,
              "rpo_alpha": rpo_alpha, "precompute_ref": precompute_ref}
-    stats = {**read_stats, "dropped_too_long": dropped + dropped_val, "train_pairs": len(train_enc),
-             "val_pairs": len(val_enc)}
+    stats = dict(prepared.stats)
     run_config = run_config_dict(stage="dpo", model=base_cfg["model"], train=train_cfg, peft=peft, dpo=hyper,
                                  init=str(init), data=str(data), stats=stats)
     out = Path(out)

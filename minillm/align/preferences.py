@@ -249,6 +249,34 @@ def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list
 
 
 # ------------------------------------------------------------------------------------ models
+@dataclass
+class PreparedPairs:
+    """Preference pairs read, split and encoded for a training stage, with what was skipped or dropped."""
+
+    train_pairs: list[PreferencePair]
+    train: list[EncodedPair]
+    val: list[EncodedPair]
+    stats: dict[str, int]
+
+
+def prepare_pairs(tokenizer, path: str | os.PathLike, block_size: int, val_fraction: float, seed: int,
+                  stage: str) -> PreparedPairs:
+    """Read `path`, hold out val_fraction, encode both splits; pairs longer than block_size are dropped.
+
+    Skipped identical pairs and dropped over-long pairs are printed (as `[stage] ...`) and counted in stats.
+    """
+    pairs, stats = read_preferences(path)
+    if stats["identical_skipped"]:
+        print(f"[{stage}] skipped {stats['identical_skipped']} pairs whose chosen equals rejected")
+    train_pairs, val_pairs = split_pairs(pairs, val_fraction, seed)
+    train, dropped = encode_preferences(tokenizer, train_pairs, block_size)
+    val, dropped_val = encode_preferences(tokenizer, val_pairs, block_size)
+    if dropped + dropped_val:
+        print(f"[{stage}] dropped {dropped + dropped_val} pairs longer than block_size = {block_size} tokens")
+    stats = {**stats, "dropped_too_long": dropped + dropped_val, "train_pairs": len(train), "val_pairs": len(val)}
+    return PreparedPairs(train_pairs, train, val, stats)
+
+
 def load_plain_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     """(GPT, tokenizer, run_config) of a run, with a PEFT run's adapters merged into a plain GPT.
 

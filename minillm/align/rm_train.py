@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from minillm.align.preferences import (
-    BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair, encode_preferences,
-    load_plain_run, pair_batches, prompt_text, read_preferences, split_pairs,
+    BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair,
+    load_plain_run, pair_batches, prepare_pairs, prompt_text, read_preferences,
 )
 from minillm.align.reward import RewardModel, bradley_terry_loss_sum, reward_metrics
 from minillm.config import TrainConfig, get_preset, override
@@ -278,14 +278,8 @@ def run_reward(
         raise FileNotFoundError(f"{test}: file not found")
     backbone, tok, base_cfg = load_plain_run(init)
     block = backbone.config.block_size
-    pairs, read_stats = read_preferences(data)
-    if read_stats["identical_skipped"]:
-        print(f"[reward] skipped {read_stats['identical_skipped']} pairs whose chosen equals rejected")
-    train_pairs, val_pairs = split_pairs(pairs, val_fraction, train_cfg.seed)
-    train_enc, dropped = encode_preferences(tok, train_pairs, block)
-    val_enc, dropped_val = encode_preferences(tok, val_pairs, block)
-    if dropped + dropped_val:
-        print(f"[reward] dropped {dropped + dropped_val} pairs longer than block_size = {block} tokens")
+    prepared = prepare_pairs(tok, data, block, val_fraction, train_cfg.seed, "reward")
+    train_pairs, train_enc, val_enc = prepared.train_pairs, prepared.train, prepared.val
     train_get = pair_batches(train_enc, train_cfg.batch_size, tok.pad_id)
     val_get = pair_batches(val_enc, train_cfg.batch_size, tok.pad_id) if val_enc else None
 
@@ -294,8 +288,7 @@ def run_reward(
 
     torch.manual_seed(train_cfg.seed)  # the score head's initialisation
     rm = RewardModel(disable_dropout(backbone))
-    stats = {**read_stats, "dropped_too_long": dropped + dropped_val, "train_pairs": len(train_enc),
-             "val_pairs": len(val_enc)}
+    stats = dict(prepared.stats)
     run_config = run_config_dict(stage="reward", model=base_cfg["model"], train=train_cfg, init=str(init),
                                  data=str(data), center_coef=center_coef, stats=stats)
     out = Path(out)
