@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.ckpt:
-        from minillm.pretrain import load_run
+        from minillm.runs import load_run
 
         model, _, _ = load_run(args.ckpt)
     else:

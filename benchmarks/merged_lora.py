@@ -5,7 +5,7 @@
 Unmerged, every adapted layer computes W x + s B (A x): two extra thin matmuls per layer. Merged,
 W' = W + s B A is folded into the weight once (`minillm.peft.apply.merge_peft`) and the model *is* a plain
 GPT again, so the budget is t(merged) / t(base) <= 1.05. The three models take turns call by call
-(`minillm.peft.compare.forward_seconds`: on a CPU the process's CPU time, which other programs on a shared
+(`minillm.stages.compare.forward_seconds`: on a CPU the process's CPU time, which other programs on a shared
 machine barely disturb; on a GPU synchronised wall time), and the best of many calls counts.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from minillm.config import get_preset
 from minillm.model import GPT
 from minillm.peft.apply import apply_peft, merge_peft
-from minillm.peft.compare import forward_seconds
+from minillm.stages.compare import forward_seconds
 
 BUDGET = 1.05
 
@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.ckpt:
-        from minillm.pretrain import load_run
+        from minillm.runs import load_run
 
         base, _, _ = load_run(args.ckpt)
     else:

@@ -16,7 +16,7 @@ import torch
 from minillm.config import TrainConfig
 from minillm.datasets import random_windows
 from minillm.model import GPT, GPTConfig
-from minillm.pretrain import lm_loss
+from minillm.stages.pretrain import lm_loss
 from minillm.train import configure_optimizer
 
 NANOGPT_TOKENS_PER_S = 17_800  # measured for nanoGPT on the reference machine (see module docstring)

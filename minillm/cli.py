@@ -1,7 +1,10 @@
-"""`python -m minillm <command>`: one sub-command per stage. `python -m minillm <command> --help` for flags.
+"""`python -m minillm <command>`: the front door. One sub-command per stage; `--help` on each lists its flags.
 
-Every training command starts from a preset (`--preset tiny|cpu|gpu`) and lets any field of the network
-(`--n-layer`, `--n-embd`, ...) or of the optimisation (`--max-steps`, `--lr`, ...) be overridden by a flag.
+Every training command starts from a preset (`--preset tiny|cpu|gpu`). Each field of the network
+(`GPTConfig`), of the stage's optimisation (`TrainConfig`) and of its method (`SFTConfig`, `RewardConfig`,
+`DPOConfig`, `PairsConfig` in `minillm.config`) is a flag generated from the dataclass, whose default is the
+preset's value: a knob is spelled once, in `config.py`. This module and `pipeline.py` are the only ones that
+import the stages; nothing in the library imports them.
 """
 from __future__ import annotations
 
@@ -13,31 +16,89 @@ import time
 from pathlib import Path
 from typing import Any
 
-from minillm.config import PRESETS, TrainConfig, get_preset, override
+import torch
+
+from minillm.config import PRESETS, DPOConfig, PairsConfig, RewardConfig, SFTConfig, TrainConfig, get_preset, override
+from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
 from minillm.model import GPTConfig
+from minillm.peft.apply import PEFT_METHODS
+from minillm.pipeline import run_pipeline
+from minillm.runs import load_run
+from minillm.sampling import generate_completions
+from minillm.stages import compare, qlora_compare
+from minillm.stages.dpo import run_dpo
+from minillm.stages.evaluate import (
+    CONTAMINATION_N,
+    CONTAMINATION_THRESHOLD,
+    DEFAULT_FEWSHOT,
+    DEFAULT_MCQ,
+    DEFAULT_PPL,
+    FORMAT_CHOICES,
+    evaluate_run,
+    render_table,
+)
+from minillm.stages.pairs import run_pairs
+from minillm.stages.pretrain import pretrain
+from minillm.stages.reward import run_reward
+from minillm.stages.sft import run_sft
+from minillm.tokenizer import Tokenizer
+from minillm.utils import write_json
+from minillm.world import write_world
 
 DEFAULT_DATA = "data/world"
 DEFAULT_TOKENIZER = "data/tokenizer"
+# The stages whose knobs live in a method dataclass of the preset (`Preset.method(stage)`).
+METHOD_CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "pairs": PairsConfig}
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One `--field-name` flag per dataclass field, typed like its default, defaulting to None (= preset)."""
-    group = parser.add_argument_group(f"{cls.__name__} overrides (default: the preset's value)")
+# ----------------------------------------------------------------------------- flags from dataclasses
+def _optional(kind: type):
+    """argparse type for an `X | None` field: 'none' gives None."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _preset_values(cls: type, name: str, stage: str | None) -> str:
+    """'default 0.1' when every preset agrees, else 'presets: cpu 5e-06, gpu 1e-06, tiny 0.0001'."""
+    if stage is None:
+        return ""
+    values = {}
+    for preset_name, preset in sorted(PRESETS.items()):
+        obj = preset.model if cls is GPTConfig else getattr(preset, stage) if cls is TrainConfig \
+            else preset.method(stage)
+        values[preset_name] = getattr(obj, name)
+    if len(set(map(repr, values.values()))) == 1:
+        return f"default {next(iter(values.values()))}"
+    return "presets: " + ", ".join(f"{k} {v}" for k, v in values.items())
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, stage: str | None = None,
+                        skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` flag per field of dataclass `cls`, typed like the field; unset flags keep the preset's
+    value (the help shows it for `stage`'s config in each preset). `X | None` fields take 'none'."""
+    group = parser.add_argument_group(f"{cls.__name__} (default: the preset's value)")
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            group.add_argument(flag, dest=f"{cls.__name__}.{f.name}", action=argparse.BooleanOptionalAction,
-                               default=None)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(f.default))
-            group.add_argument(flag, dest=f"{cls.__name__}.{f.name}", type=kind, default=None, metavar=kind.__name__.upper())
+        help_ = "; ".join(x for x in (f.metadata.get("help", ""), _preset_values(cls, f.name, stage)) if x)
+        dest = f"{cls.__name__}.{f.name}"
+        type_name = str(f.type).replace(" | None", "")
+        if type_name == "bool":
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_)
+            continue
+        kind = {"int": int, "float": float, "str": str}[type_name]
+        group.add_argument(flag, dest=dest, type=_optional(kind) if "None" in str(f.type) else kind,
+                           default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help_)
 
 
 def collect_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` the user set on the command line."""
     prefix = cls.__name__ + "."
-    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
 def resolve_configs(args: argparse.Namespace, vocab_size: int) -> tuple[GPTConfig, TrainConfig]:
@@ -48,24 +109,44 @@ def resolve_configs(args: argparse.Namespace, vocab_size: int) -> tuple[GPTConfi
     return model_cfg, train_cfg
 
 
-def add_training_flags(p: argparse.ArgumentParser) -> None:
+def stage_train_config(args: argparse.Namespace, stage: str) -> TrainConfig:
+    """The preset's TrainConfig for a fine-tuning stage with the user's --flag overrides."""
+    return override(getattr(get_preset(args.preset), stage), collect_overrides(args, TrainConfig))
+
+
+def stage_method(args: argparse.Namespace, stage: str) -> Any:
+    """The preset's method dataclass for `stage` with the user's --flag overrides."""
+    return override(get_preset(args.preset).method(stage), collect_overrides(args, METHOD_CONFIGS[stage]))
+
+
+def add_preset_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named configuration (default: cpu)")
-    add_dataclass_flags(p, GPTConfig, skip=("vocab_size",))
-    add_dataclass_flags(p, TrainConfig)
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    add_preset_flag(p)
+    add_dataclass_flags(p, GPTConfig, "pretrain", skip=("vocab_size",))
+    add_dataclass_flags(p, TrainConfig, "pretrain")
+
+
+def add_stage_flags(p: argparse.ArgumentParser, stage: str, peft: bool = False) -> None:
+    """--preset, the stage's TrainConfig and method flags, and the PEFT flags."""
+    add_preset_flag(p)
+    add_dataclass_flags(p, TrainConfig, stage)
+    if stage in METHOD_CONFIGS:
+        add_dataclass_flags(p, METHOD_CONFIGS[stage], stage)
+    if peft:
+        add_peft_flags(p)
 
 
 # ----------------------------------------------------------------------------- commands
 def cmd_world(args: argparse.Namespace) -> None:
-    from minillm.world import write_world
-
     paths = write_world(args.seed, args.out)
     for name, path in paths.items():
         print(f"{name:16s} {path}  ({Path(path).stat().st_size:,} bytes)")
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
-    from minillm.tokenizer import Tokenizer
-
     t0 = time.perf_counter()
     tok = Tokenizer.train(args.corpus, args.vocab_size)
     seconds = time.perf_counter() - t0
@@ -75,9 +156,6 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from minillm.pretrain import pretrain
-    from minillm.tokenizer import Tokenizer
-
     tok = Tokenizer.load(args.tokenizer)
     model_cfg, train_cfg = resolve_configs(args, tok.vocab_size)
     data = Path(args.data)
@@ -87,11 +165,6 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
-    from minillm.pretrain import load_run
-    from minillm.sampling import generate_completions
-
     model, tok, _ = load_run(args.ckpt, device=args.device)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     prompts = args.prompt or ["Mira lives in"]
@@ -128,23 +201,7 @@ def peft_spec(args: argparse.Namespace) -> dict[str, Any] | None:
     return spec
 
 
-def stage_train_config(args: argparse.Namespace, stage: str) -> TrainConfig:
-    """The preset's config for a fine-tuning stage with the user's --flag overrides."""
-    return override(getattr(get_preset(args.preset), stage), collect_overrides(args, TrainConfig))
-
-
-def cmd_sft(args: argparse.Namespace) -> None:
-    from minillm.finetune import run_sft
-
-    cfg = stage_train_config(args, "sft")
-    _, result, stats = run_sft(args.init, args.data, args.out, cfg, peft=peft_spec(args), packing=args.pack,
-                               loss_on=args.loss_on, limit=args.limit, resume=args.resume)
-    print(json.dumps({**dataclasses.asdict(result), **stats}, indent=2))
-
-
 def add_peft_flags(p: argparse.ArgumentParser) -> None:
-    from minillm.peft.apply import PEFT_METHODS
-
     g = p.add_argument_group("parameter-efficient fine-tuning")
     g.add_argument("--peft", choices=sorted(PEFT_METHODS), default=None, help="train through this PEFT method")
     g.add_argument("--target-modules", default=None, help="comma-separated module names (default: the method's)")
@@ -157,10 +214,33 @@ def add_peft_flags(p: argparse.ArgumentParser) -> None:
                    help="any other hyperparameter of the method (value parsed as JSON), e.g. k=2, scale=0.5")
 
 
+def _print_run(run) -> None:
+    print(json.dumps({**dataclasses.asdict(run.result), **run.stats}, indent=2, default=str))
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    _print_run(run_sft(args.init, args.data, args.out, stage_train_config(args, "sft"), stage_method(args, "sft"),
+                       peft=peft_spec(args), resume=args.resume))
+
+
+def cmd_reward(args: argparse.Namespace) -> None:
+    _print_run(run_reward(args.init, args.data, args.out, stage_train_config(args, "reward"),
+                          stage_method(args, "reward"), test=args.test or None, resume=args.resume))
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    _print_run(run_dpo(args.init, args.data, args.out, stage_train_config(args, "dpo"), stage_method(args, "dpo"),
+                       peft=peft_spec(args), test=args.test or None, resume=args.resume))
+
+
+def cmd_pairs(args: argparse.Namespace) -> None:
+    stats = run_pairs(args.policy, args.prompts, args.out, stage_method(args, "pairs"), scorer=args.scorer,
+                      device=args.device)
+    print(json.dumps(stats, indent=2))
+
+
 def cmd_memory(args: argparse.Namespace) -> None:
     """Weights / gradients / AdamW state by fine-tuning method, for a preset or a named GPT-2 shape."""
-    from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
-
     if args.preset in PRESETS:
         c = get_preset(args.preset).model
         shape = (c.n_layer, c.n_head, c.n_embd, get_preset(args.preset).vocab_size, c.block_size)
@@ -173,9 +253,8 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from minillm.pipeline import run_pipeline
-
-    run_pipeline(args)
+    run_pipeline(args.out, args.data, args.tokenizer, args.preset, collect_overrides(args, GPTConfig),
+                 collect_overrides(args, TrainConfig), seed_world=args.seed_world, skip=args.skip or [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,18 +282,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chats (loss on the assistant tokens)")
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named configuration (default: cpu)")
-    add_dataclass_flags(p, TrainConfig)
-    add_peft_flags(p)
+    add_stage_flags(p, "sft", peft=True)
     p.add_argument("--init", default="runs/base", help="run directory to start from")
     p.add_argument("--data", default=f"{DEFAULT_DATA}/sft_train.jsonl", help="JSONL/JSON: messages or Alpaca records")
     p.add_argument("--out", default="runs/sft")
-    p.add_argument("--pack", action="store_true", help="pack several short chats into one row")
-    p.add_argument("--loss-on", choices=["response", "all"], default="response",
-                   help="which tokens carry the loss (all = the masking ablation)")
-    p.add_argument("--limit", type=int, default=None, help="use only N conversations (data-size experiments)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser(
+        "reward", help="train a Bradley-Terry reward model on preference pairs",
+        description="Train r(x, y) = score(h_last) on prompt/chosen/rejected pairs (loss -log sigma(r_w - r_l)), "
+                    "starting from an SFT run; then shift it to mean 0 on SFT samples and evaluate it on --test.")
+    add_stage_flags(p, "reward")
+    p.add_argument("--init", default="runs/sft", help="run directory to start from (the SFT policy)")
+    p.add_argument("--data", default=f"{DEFAULT_DATA}/prefs_train.jsonl",
+                   help="preference JSONL: prompt, chosen, rejected")
+    p.add_argument("--test", default=f"{DEFAULT_DATA}/prefs_test.jsonl",
+                   help="held-out preference JSONL for accuracy and calibration ('' to skip)")
+    p.add_argument("--out", default="runs/rm")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.set_defaults(func=cmd_reward)
+
+    p = sub.add_parser(
+        "dpo", help="Direct Preference Optimization (and IPO, cDPO, robust, hinge) of an SFT run",
+        description="Train the policy on prompt/chosen/rejected pairs with -log sigma(beta h), "
+                    "h = log pi/pi_ref(y_w) - log pi/pi_ref(y_l); the reference is the --init model "
+                    "(a frozen copy, or the same model with adapters disabled under --peft).")
+    add_stage_flags(p, "dpo", peft=True)
+    p.add_argument("--init", default="runs/sft", help="run directory of the SFT policy (also the reference)")
+    p.add_argument("--data", default=f"{DEFAULT_DATA}/prefs_train.jsonl",
+                   help="preference JSONL: prompt, chosen, rejected")
+    p.add_argument("--test", default=f"{DEFAULT_DATA}/prefs_test.jsonl",
+                   help="held-out preference JSONL for the implicit-reward accuracy ('' to skip)")
+    p.add_argument("--out", default="runs/dpo")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser(
+        "pairs", help="sample N responses per prompt, score them, write best/worst as preference pairs",
+        description="On-policy pairs (Llama 2/3 style): y_1..y_N ~ pi(.|x), chosen = argmax score, rejected = "
+                    "argmin score, ties skipped; written as prompt/chosen/rejected JSONL for `reward` and `dpo`.")
+    add_preset_flag(p)
+    add_dataclass_flags(p, PairsConfig, "pairs")
+    p.add_argument("--policy", default="runs/sft", help="run directory of the policy that samples")
+    p.add_argument("--prompts", default=f"{DEFAULT_DATA}/sft_train.jsonl",
+                   help="JSONL with a 'prompt' field, or chats (messages / Alpaca): "
+                        "the prompt is everything before the last answer")
+    p.add_argument("--scorer", default="gold", help="'gold' (the world's gold reward) or a reward-model run directory")
+    p.add_argument("--out", default="runs/pairs.jsonl")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_pairs)
 
     p = sub.add_parser("generate", help="sample from a trained run")
     p.add_argument("--ckpt", default="runs/base", help="run directory")
@@ -228,17 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
-    from minillm.align.dpo_train import add_dpo_command
-    from minillm.align.onpolicy import add_pairs_command
-    from minillm.align.rm_train import add_reward_command
-    from minillm.eval.run import add_eval_command
-    from minillm.memory import MODEL_PRESETS
-    from minillm.peft.compare import add_peft_compare_command
-    from minillm.quant.experiment import add_qlora_compare_command
-
-    add_reward_command(sub)
-    add_dpo_command(sub)
-    add_pairs_command(sub)
     add_eval_command(sub)
     add_peft_compare_command(sub)
     add_qlora_compare_command(sub)
@@ -261,6 +367,160 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip a stage (repeatable): pretrain, base_eval, sft, sft_experiments, ...")
     p.set_defaults(func=cmd_pipeline)
     return parser
+
+
+# ----------------------------------------------------------------------------- eval and the comparisons
+def _optional_path(value: str) -> str | None:
+    return None if value.lower() in ("", "none") else value
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    """`minillm eval`: perplexity + multiple-choice accuracy of a run, printed and written as JSON."""
+    p = subparsers.add_parser(
+        "eval", help="perplexity and multiple-choice accuracy of a trained run",
+        description="Validation perplexity (sliding window) and bits per byte, multiple-choice accuracy "
+                    "(acc, acc_norm, acc_bytes) by log-likelihood ranking as lm-evaluation-harness does, and "
+                    "optional robustness and contamination checks. Prints a table and writes JSON.")
+    p.add_argument("--ckpt", default="runs/sft", help="run directory (config.json, ckpt.pt, tokenizer/)")
+    p.add_argument("--ppl", type=_optional_path, default=DEFAULT_PPL,
+                   help=f"text file for perplexity, documents separated by blank lines (default {DEFAULT_PPL}; "
+                        "'none' skips)")
+    p.add_argument("--mcq", type=_optional_path, default=DEFAULT_MCQ,
+                   help=f"multiple-choice items: our JSONL, an MMLU CSV or HellaSwag JSONL (default {DEFAULT_MCQ}; "
+                        "'none' skips)")
+    p.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="auto",
+                   help="prompt format: cloze (world question -> start of its answer sentence), hellaswag "
+                        "(question -> choice text), mmlu/paren/qa (letters); auto = cloze for world questions, "
+                        "else hellaswag")
+    p.add_argument("--num-fewshot", type=int, default=0, help="solved examples before each question (default 0)")
+    p.add_argument("--fewshot-data", type=_optional_path, default=DEFAULT_FEWSHOT,
+                   help=f"where few-shot examples come from (default {DEFAULT_FEWSHOT}; 'none': the evaluated items)")
+    p.add_argument("--sampler", choices=("random", "first_n"), default="random",
+                   help="few-shot draw: seeded random sample (lm-eval default) or the first k")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampler seed (lm-eval default 1234)")
+    p.add_argument("--robustness", action="store_true",
+                   help="also accuracy under every cyclic order of the choices, and under every prompt format")
+    p.add_argument("--contamination", metavar="CORPUS", default=None,
+                   help="training corpus to check the MCQ items against (n-gram overlap)")
+    p.add_argument("--contamination-n", type=int, default=CONTAMINATION_N,
+                   help=f"n-gram length (default {CONTAMINATION_N}: the world's items are 5-8 words; "
+                        "Llama 3 uses 8 on longer benchmark items)")
+    p.add_argument("--contamination-threshold", type=float, default=CONTAMINATION_THRESHOLD,
+                   help=f"fraction of an item's words inside corpus n-grams that makes it contaminated "
+                        f"(default {CONTAMINATION_THRESHOLD})")
+    p.add_argument("--max-length", type=int, default=None, help="scoring window (default: the model's block_size)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: max_length // 2)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto picks cuda > mps > cpu")
+    p.add_argument("--out", default=None, help="JSON report (default: CKPT/eval.json)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Run `evaluate_run` with the command's flags, print the table, write the JSON report atomically."""
+    report = evaluate_run(args.ckpt, ppl=args.ppl, mcq=args.mcq, fewshot_data=args.fewshot_data,
+                          num_fewshot=args.num_fewshot, fmt=args.fmt, sampler=args.sampler, seed=args.seed,
+                          robustness=args.robustness, contamination=args.contamination,
+                          contamination_n=args.contamination_n, contamination_threshold=args.contamination_threshold,
+                          max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
+                          device=args.device)
+    out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
+    write_json(out, report)
+    print(render_table(report))
+    print(f"wrote {out}")
+
+
+def add_peft_compare_command(subparsers: argparse._SubParsersAction) -> None:
+    """`python -m minillm peft-compare`: fine-tune one base run with every method and tabulate the costs."""
+    p = subparsers.add_parser(
+        "peft-compare", help="fine-tune one base model with full FT and every PEFT method; table + chart",
+        description="Fine-tunes --init on the SFT data with full fine-tuning and each PEFT method (the preset's "
+                    "sft settings; PEFT methods get --peft-lr), then writes table.md, comparison.png and "
+                    "results.json to --out: trainable parameters, adapter size, training time and bytes, "
+                    "held-out exact match, and forward slowdown unmerged/merged.",
+    )
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="whose sft TrainConfig (default: cpu)")
+    add_dataclass_flags(p, TrainConfig, "sft")
+    p.add_argument("--init", default="runs/pipeline/base", help="base run directory (default: runs/pipeline/base)")
+    p.add_argument("--data", default="data/world/sft_train.jsonl", help="SFT training chats")
+    p.add_argument("--test-data", default="data/world/sft_test.jsonl", help="held-out questions for exact match")
+    p.add_argument("--out", default="runs/peft_compare")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(compare.DEFAULT_METHODS)} (default: all)")
+    p.add_argument("--peft-lr", type=float, default=None,
+                   help=f"learning rate of the PEFT methods (default: {compare.PEFT_LR_MULTIPLIER:g} x the full-FT lr)")
+    p.add_argument("--analytic-preset", default="gpu", choices=sorted(PRESETS),
+                   help="preset whose parameter counts are tabulated analytically (default: gpu)")
+    p.add_argument("--timing-repeats", type=int, default=5, help="at least N timed forward passes (default: 5)")
+    p.add_argument("--timing-seconds", type=float, default=3.0,
+                   help="time budget per method for the forward timing (default: 3)")
+    p.add_argument("--no-chat-tokens", action="store_true",
+                   help="do not train the chat template tokens' embeddings in PEFT runs (the ablation)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each PEFT run's ckpt.pt (by default only adapter.pt, since ckpt.pt repeats the base)")
+    p.set_defaults(func=cmd_peft_compare)
+
+
+def cmd_peft_compare(args: argparse.Namespace) -> None:
+    if not Path(args.init).is_dir():
+        raise FileNotFoundError(f"--init {args.init}: base run not found (run `python -m minillm pipeline` or "
+                                "`python -m minillm pretrain --out DIR` first)")
+    if args.peft_lr is not None and not args.peft_lr > 0:
+        raise ValueError(f"--peft-lr must be > 0, got {args.peft_lr}")
+    summary = compare.compare_methods(args.init, args.data, args.test_data, args.out, stage_train_config(args, "sft"),
+                              methods=compare.parse_methods(args.methods), peft_lr=args.peft_lr,
+                              analytic_preset=args.analytic_preset, timing_repeats=args.timing_repeats,
+                              timing_seconds=args.timing_seconds,
+                              keep_checkpoints=args.keep_checkpoints, chat_tokens=not args.no_chat_tokens)
+    print(compare.render_table(summary["rows"]))
+    print(f"[peft-compare] wrote {Path(args.out) / 'table.md'}")
+
+
+def add_qlora_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `qlora-compare`."""
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="whose sft TrainConfig (default: cpu)")
+    add_dataclass_flags(p, TrainConfig, "sft")
+    p.add_argument("--init", default="runs/pipeline/base", help="base run directory (default: runs/pipeline/base)")
+    p.add_argument("--data", default="data/world/sft_train.jsonl", help="SFT training chats")
+    p.add_argument("--test-data", default="data/world/sft_test.jsonl", help="held-out questions for exact match")
+    p.add_argument("--out", default="runs/qlora_compare", help="output directory (table.md, results.json, runs)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(qlora_compare.METHOD_SPECS)} (default: {','.join(qlora_compare.DEFAULT_METHODS)})")
+    p.add_argument("--peft-lr", type=float, default=None,
+                   help=f"learning rate of LoRA/QLoRA (default: {qlora_compare.PEFT_LR_MULTIPLIER:g} x the full-FT lr)")
+    p.add_argument("--lora-r", type=int, default=qlora_compare.LORA_R, help=f"LoRA rank r (default: {qlora_compare.LORA_R})")
+    p.add_argument("--lora-alpha", type=float, default=qlora_compare.LORA_ALPHA, help=f"lora_alpha (default: {qlora_compare.LORA_ALPHA})")
+    p.add_argument("--no-chat-tokens", action="store_true",
+                   help="do not train the chat tokens' embedding rows in the adapter runs")
+    p.add_argument("--gaussian-numel", type=int, default=2**20,
+                   help="Gaussian values in the quantisation error table (default: 2^20)")
+    p.set_defaults(func=cmd_qlora_compare)
+
+
+def add_qlora_compare_command(subparsers: argparse._SubParsersAction) -> None:
+    """`python -m minillm qlora-compare`: QLoRA vs LoRA vs full fine-tuning, and the NF4/FP4/int4 errors."""
+    p = subparsers.add_parser(
+        "qlora-compare", help="QLoRA vs LoRA vs full fine-tuning (exact match, time, bytes); NF4/FP4/int4 error",
+        description="Fine-tunes --init on the SFT data with full fine-tuning, LoRA and QLoRA (same steps; "
+                    "LoRA/QLoRA on every linear layer with the same r, alpha and --peft-lr), measures held-out "
+                    "exact match, training time and bytes, tabulates the quantisation error of NF4, FP4 and "
+                    "int4 on Gaussian and on the base run's weights, and writes table.md and results.json "
+                    "to --out.")
+    add_qlora_compare_arguments(p)
+
+
+def cmd_qlora_compare(args: argparse.Namespace) -> None:
+    if not Path(args.init).is_dir():
+        raise FileNotFoundError(f"--init {args.init}: base run not found (run `python -m minillm pipeline` or "
+                                "`python -m minillm pretrain --out DIR` first)")
+    if args.peft_lr is not None and not args.peft_lr > 0:
+        raise ValueError(f"--peft-lr must be > 0, got {args.peft_lr}")
+    summary = qlora_compare.compare_qlora(args.init, args.data, args.test_data, args.out, stage_train_config(args, "sft"),
+                            qlora_compare.parse_methods(args.methods), args.peft_lr, args.lora_r, args.lora_alpha,
+                            not args.no_chat_tokens, args.gaussian_numel)
+    print(qlora_compare.render_method_table(summary["rows"]))
+    print(qlora_compare.render_error_table(summary["errors"]))
+    print(f"[qlora-compare] wrote {Path(args.out) / 'table.md'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,19 @@
 """Run configuration: dataclasses and the named presets (`tiny` for tests, `cpu` default, `gpu`).
 
-A preset fills `GPTConfig` (the network) and `TrainConfig` (the optimisation); command-line flags override
-single fields (`--n-layer 6 --lr 1e-3`), and every run writes the resolved config next to its outputs.
+A preset fills `GPTConfig` (the network), one `TrainConfig` (the optimisation) per stage, and one method
+dataclass per stage (`SFTConfig`, `RewardConfig`, `DPOConfig`, `PairsConfig`): the knobs of an algorithm are
+spelled once, as fields here. The command line turns every field into a flag (`--n-layer 6 --lr 1e-3
+--beta 0.2`) whose default is the preset's value, and every run writes the resolved configs next to its outputs.
 The vocabulary size is not a preset field: it always comes from the tokenizer.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from minillm.align.dpo import check_dpo_hyperparameters
 from minillm.model import GPTConfig
 
 
@@ -51,9 +55,97 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dtype must be 'auto' or 'float32', got {self.dtype!r}")
 
 
+def knob(default: Any, help: str) -> Any:
+    """A method field with its --help text, so the flag is documented where the knob is defined."""
+    return field(default=default, metadata={"help": help})
+
+
+def _check_fraction(owner: str, name: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
+    if not (isinstance(value, (int, float)) and low <= value < high):
+        raise ValueError(f"{owner}.{name} must be in [{low}, {high}), got {value!r}")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning knobs (`minillm.stages.sft.run_sft`)."""
+
+    packing: bool = knob(False, "several short chats in one row of block_size tokens")
+    loss_on: str = knob("response", "response: assistant tokens only; all: every token (the masking ablation)")
+    limit: int | None = knob(None, "use only N conversations (data-size experiments)")
+    val_fraction: float = knob(0.05, "held out of the training file for the validation loss")
+    embeddings: str = knob("new", "full FT: new trains only the rows pretraining never saw; all: the whole table")
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in ("response", "all"):
+            raise ValueError(f"SFTConfig.loss_on must be 'response' or 'all', got {self.loss_on!r}")
+        if self.embeddings not in ("new", "all"):
+            raise ValueError(f"SFTConfig.embeddings must be 'new' or 'all', got {self.embeddings!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"SFTConfig.limit must be >= 1, got {self.limit}")
+        _check_fraction("SFTConfig", "val_fraction", self.val_fraction)
+
+
+@dataclass
+class RewardConfig:
+    """Bradley-Terry reward-model knobs (`minillm.stages.reward.run_reward`)."""
+
+    center_coef: float | None = knob(None, "loss += c * mean((r_w + r_l)^2) (Eisenstein et al. 2023; TRL: 0.01)")
+    val_fraction: float = knob(0.05, "held out of the pairs for the validation loss")
+    norm_prompts: int = knob(256, "training prompts sampled from the SFT policy for the reward offset")
+
+    def __post_init__(self) -> None:
+        if self.center_coef is not None and (isinstance(self.center_coef, bool)
+                                             or not isinstance(self.center_coef, (int, float))
+                                             or self.center_coef < 0):
+            raise ValueError(f"RewardConfig.center_coef must be None or a number >= 0, got {self.center_coef!r}")
+        if self.norm_prompts < 1:
+            raise ValueError(f"RewardConfig.norm_prompts must be >= 1, got {self.norm_prompts}")
+        _check_fraction("RewardConfig", "val_fraction", self.val_fraction)
+
+
+@dataclass
+class DPOConfig:
+    """Direct Preference Optimization knobs (`minillm.stages.dpo.run_dpo`; TRL's names and defaults)."""
+
+    beta: float = knob(0.1, "KL strength (tau for IPO)")
+    loss_type: str = knob("sigmoid", "sigmoid (DPO), ipo, hinge, robust")
+    label_smoothing: float = knob(0.0, "assumed label-flip rate eps in [0, 0.5) (cDPO, robust)")
+    average_logps: bool | None = knob(None, "per-token average log-probs; None: average for ipo only, as TRL")
+    rpo_alpha: float | None = knob(None, "adds alpha * per-token NLL of the chosen answer (RPO, Pang et al. 2024)")
+    precompute_ref: bool = knob(True, "reference log-probs computed once before training (pi_ref never changes)")
+    val_fraction: float = knob(0.05, "held out of the pairs for the validation loss")
+
+    def __post_init__(self) -> None:
+        check_dpo_hyperparameters(self.beta, self.loss_type, self.label_smoothing)
+        a = self.rpo_alpha
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0):
+            raise ValueError(f"DPOConfig.rpo_alpha must be None or a finite number >= 0, got {a!r}")
+        _check_fraction("DPOConfig", "val_fraction", self.val_fraction)
+
+
+@dataclass
+class PairsConfig:
+    """On-policy preference pairs (`minillm.stages.pairs.run_pairs`): N samples per prompt, best vs worst."""
+
+    n: int = knob(4, "samples per prompt (a pair needs two)")
+    temperature: float = knob(1.0, "sampling temperature (1 samples the policy exactly)")
+    max_new_tokens: int = knob(48, "longest sampled response, in tokens")
+    limit: int | None = knob(None, "use only the first N prompts")
+    seed: int = knob(0, "sampling seed")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
+            raise ValueError(f"PairsConfig.n must be an int >= 2 (a pair needs two samples), got {self.n!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"PairsConfig.limit must be >= 1, got {self.limit}")
+        if not self.temperature >= 0 or self.max_new_tokens < 1:
+            raise ValueError(f"PairsConfig: need temperature >= 0 and max_new_tokens >= 1, "
+                             f"got {self.temperature}, {self.max_new_tokens}")
+
+
 @dataclass
 class Preset:
-    """A named bundle: network shape, pretraining settings, tokenizer vocabulary, stage step counts."""
+    """A named bundle: network shape, tokenizer vocabulary, and each stage's TrainConfig and method knobs."""
 
     model: GPTConfig
     pretrain: TrainConfig
@@ -61,6 +153,16 @@ class Preset:
     reward: TrainConfig
     dpo: TrainConfig
     vocab_size: int = 1024
+    sft_method: SFTConfig = field(default_factory=SFTConfig)
+    reward_method: RewardConfig = field(default_factory=RewardConfig)
+    # Plain DPO unlearns the world's refusals (the refusal sentence is a rejected "needless refusal" in more
+    # pairs than it is chosen); the RPO term and a small step keep them (lesson 6, section 9).
+    dpo_method: DPOConfig = field(default_factory=lambda: DPOConfig(rpo_alpha=1.0))
+    pairs_method: PairsConfig = field(default_factory=PairsConfig)
+
+    def method(self, stage: str) -> Any:
+        """The method dataclass of `stage` ("sft", "reward", "dpo", "pairs")."""
+        return getattr(self, f"{stage}_method")
 
 
 PRESETS: dict[str, Preset] = {

@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
+from minillm.model import GPT, GPTConfig
 from minillm.utils import safe_torch_load
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # the dot keeps c_attn.bias
 
 
-def config_from_hf(hf: dict[str, Any]):
+def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     """Map a Hugging Face GPT2Config dict (n_positions, n_ctx, ...) to a GPTConfig."""
-    from minillm.model import GPTConfig
-
     try:
         return GPTConfig(
             vocab_size=int(hf["vocab_size"]),
@@ -50,8 +50,6 @@ def read_hf_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise ValueError(f"{cfg_file}: invalid JSON ({e})") from e
     st_file, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
     if st_file.exists():
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(st_file)), hf_config
         except Exception as e:
@@ -74,10 +72,11 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def load_hf_gpt2(cls, path_or_state_dict, config=None):
-    """Build `cls` (GPT) from a Hugging Face GPT-2 directory or state dict. See the module docstring."""
-    from minillm.model import GPTConfig
-
+def from_hf_gpt2(
+    path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor],
+    config: GPTConfig | dict[str, Any] | None = None,
+) -> GPT:
+    """A GPT with the weights of a Hugging Face GPT-2 directory or state dict. See the module docstring."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = Path(path_or_state_dict)
         if not path.is_dir():
@@ -96,7 +95,7 @@ def load_hf_gpt2(cls, path_or_state_dict, config=None):
         config = config_from_hf(config)
     if not isinstance(config, GPTConfig):
         raise TypeError(f"from_hf_gpt2: config must be a GPTConfig or dict, got {type(config).__name__}")
-    model = cls(config)
+    model = GPT(config)
     converted = convert_hf_state_dict(sd)
     expected = model.state_dict()
     expected.pop("lm_head.weight", None)

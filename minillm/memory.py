@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from minillm.peft.qlora import quantized_layers
+
 __all__ = [
     "MODEL_PRESETS",
     "param_bytes",
@@ -121,8 +123,6 @@ def optimizer_state_bytes(model_or_optimizer: nn.Module | torch.optim.Optimizer,
 def quantized_weight_bytes(model: nn.Module) -> int:
     """Bytes of all 4-bit weights (packed codes + absmax or its double-quantised form; no code tables)."""
     _check_module(model, "quantized_weight_bytes")
-    from minillm.quant.qlora import quantized_layers  # imported here: memory.py must not need the quant stack
-
     return sum(layer.nbytes for _, layer in quantized_layers(model))
 
 
@@ -255,23 +255,3 @@ def format_memory_table(rows: Sequence[dict[str, object]]) -> str:
             f"{row['optimizer'] / GiB:.2f} | {row['total'] / GiB:.2f} | {'yes' if row['fits'] else 'no'} |"
         )
     return "\n".join(lines)
-
-
-def main() -> None:
-    """python -m minillm.memory [--lora-r 8] [--gpu-gib 16]: the table for every preset."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Fine-tuning memory (weights + grads + AdamW state) by method")
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--lora-targets", nargs="+", default=["c_attn"])
-    parser.add_argument("--gpu-gib", type=float, default=16.0)
-    args = parser.parse_args()
-    for name, shape in MODEL_PRESETS.items():
-        n = gpt2_param_count(shape[0], shape[2], shape[3], shape[4])["total"]
-        print(f"\n{name} ({n / 1e6:,.0f}M parameters; n_layer, n_head, n_embd, vocab, block = {shape})\n")
-        print(format_memory_table(memory_table(*shape, lora_r=args.lora_r, lora_targets=args.lora_targets,
-                                               gpu_gib=args.gpu_gib)))
-
-
-if __name__ == "__main__":
-    main()

@@ -15,11 +15,8 @@ a trained prefix): new tokens attend to the past and their positions continue af
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -282,25 +279,3 @@ class GPT(nn.Module):
         h, presents = self.hidden_states(idx, attention_mask, past_key_values, position_ids, inputs_embeds)
         logits = self.lm_head(h)
         return (logits, presents) if use_cache else logits
-
-    # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def from_hf_gpt2(
-        cls,
-        path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor],
-        config: GPTConfig | dict[str, Any] | None = None,
-    ) -> "GPT":
-        """Load a Hugging Face GPT-2 checkpoint (directory or state dict); see `minillm.hf_gpt2`."""
-        from minillm.hf_gpt2 import load_hf_gpt2
-
-        return load_hf_gpt2(cls, path_or_state_dict, config)
-
-
-def config_path(ckpt_dir: str | os.PathLike) -> Path:
-    return Path(ckpt_dir) / "config.json"
-
-
-def save_config(config: GPTConfig, path: str | os.PathLike) -> None:
-    from minillm.utils import atomic_write_text
-
-    atomic_write_text(path, json.dumps(asdict(config), indent=2))

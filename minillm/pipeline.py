@@ -7,7 +7,7 @@ Each stage writes into its own directory under --out (default runs/pipeline), re
 `summary.json`, and adds a section to `report.md`, so an instructor can run one command and show the
 class what each stage did. A stage is a function `stage(ctx)` of one shared context dict:
 
-    ctx = {"args", "out", "data", "tok", "preset",
+    ctx = {"out", "data", "tok", "preset" (name), "model_overrides", "train_overrides" (the user's flags),
            "runs":     {stage name: run directory},     the models produced so far
            "card":     [(stage, metric, value)],        rows of the report card
            "sections": [markdown],                      the report's body
@@ -16,8 +16,6 @@ class what each stage did. A stage is a function `stage(ctx)` of one shared cont
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +23,22 @@ from typing import Any, Callable
 
 import torch
 
-from minillm.utils import atomic_write_text, write_json
+from minillm.config import TrainConfig, get_preset, override
+from minillm.datasets import read_jsonl, tokenize_corpus
+from minillm.eval.perplexity import perplexity
+from minillm.eval.task import evaluate_instructions, fact_completion_accuracy
+from minillm.plots import plot_series
+from minillm.runs import load_plain_run, load_run
+from minillm.sampling import generate_completions
+from minillm.stages.dpo import reward_and_kl, run_dpo
+from minillm.stages.evaluate import evaluate_run, report_rows
+from minillm.stages.pretrain import pretrain
+from minillm.stages.qlora_compare import compare_qlora
+from minillm.stages.reward import run_reward
+from minillm.stages.sft import run_sft
+from minillm.tokenizer import Tokenizer
+from minillm.utils import atomic_write_text, pick_device, write_json
+from minillm.world import write_world
 
 SAMPLE_PROMPTS = ["Mira", "The town of Oakvale", "3 plus 4 is", "Everyone knows"]
 SFT_DATA_SIZES = (16, 64, 256)
@@ -33,8 +46,6 @@ Ctx = dict[str, Any]
 
 
 def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    from minillm.datasets import read_jsonl
-
     return [r for _, r in read_jsonl(path)]
 
 
@@ -42,16 +53,12 @@ def ensure_world(data_dir: Path, seed: int) -> None:
     """Use the bundled world data; generate it only when it is missing."""
     if (data_dir / "corpus_train.txt").exists():
         return
-    from minillm.world import write_world
-
     print(f"[world] {data_dir} has no world data: generating it with seed {seed}")
     write_world(seed, data_dir)
 
 
 def ensure_tokenizer(tok_path: Path, corpus: Path, vocab_size: int):
     """Load the bundled tokenizer, or train one (and save it) when it is missing."""
-    from minillm.tokenizer import Tokenizer
-
     if (tok_path / "tokenizer.json").exists() or tok_path.is_file():
         return Tokenizer.load(tok_path)
     t0 = time.perf_counter()
@@ -74,12 +81,16 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 # ----------------------------------------------------------------------------- stages
-def stage_pretrain(ctx: Ctx) -> None:
-    from minillm.cli import resolve_configs
-    from minillm.pretrain import pretrain
+def train_config(ctx: Ctx, stage: str) -> TrainConfig:
+    """The preset's TrainConfig of `stage` with the user's flags (they apply to every stage of the pipeline)."""
+    return override(getattr(get_preset(ctx["preset"]), stage), ctx["train_overrides"])
 
-    model_cfg, train_cfg = resolve_configs(ctx["args"], ctx["tok"].vocab_size)
-    print(f"[pretrain] preset {ctx['args'].preset}: {model_cfg}")
+
+def stage_pretrain(ctx: Ctx) -> None:
+    preset = get_preset(ctx["preset"])
+    model_cfg = override(preset.model, {**ctx["model_overrides"], "vocab_size": ctx["tok"].vocab_size})
+    train_cfg = train_config(ctx, "pretrain")
+    print(f"[pretrain] preset {ctx['preset']}: {model_cfg}")
     data = ctx["data"]
     model, result = pretrain(ctx["tok"], data / "corpus_train.txt", data / "corpus_val.txt", model_cfg, train_cfg,
                              ctx["out"] / "base")
@@ -97,12 +108,6 @@ def stage_pretrain(ctx: Ctx) -> None:
 
 def stage_base_eval(ctx: Ctx) -> None:
     """Samples, sliding-window validation perplexity and held-out-phrasing fact completion."""
-    from minillm.datasets import tokenize_corpus
-    from minillm.eval.perplexity import perplexity
-    from minillm.eval.task import fact_completion_accuracy
-    from minillm.pretrain import load_run
-    from minillm.sampling import generate_completions
-
     model, tok, _ = load_run(ctx["runs"]["base"])
     prompts = [tok.encode(p) for p in SAMPLE_PROMPTS]
     greedy = generate_completions(model, prompts, 30, eos_id=tok.eot_id, temperature=0)
@@ -132,20 +137,15 @@ def stage_base_eval(ctx: Ctx) -> None:
 
 
 def _sft_eval(run_dir: Path, records: list[dict], mode: str = "chat", shots: list[dict] | None = None) -> dict:
-    from minillm.eval.task import evaluate_instructions
-    from minillm.pretrain import load_run
-
     model, tok, _ = load_run(run_dir)
     return evaluate_instructions(model, tok, records, mode=mode, shots=shots)
 
 
 def stage_sft(ctx: Ctx) -> None:
     """SFT on the world chats; base (few-shot) vs SFT on held-out characters."""
-    from minillm.cli import stage_train_config
-    from minillm.finetune import run_sft
-
-    cfg = stage_train_config(ctx["args"], "sft")
-    _, result, stats = run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", ctx["out"] / "sft", cfg)
+    run = run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", ctx["out"] / "sft", train_config(ctx, "sft"),
+                  get_preset(ctx["preset"]).sft_method)
+    result, stats = run.result, run.stats
     ctx["runs"]["sft"] = ctx["out"] / "sft"
     ctx["timings"]["sft"] = result.seconds
     test = read_jsonl_rows(ctx["data"] / "sft_test.jsonl")
@@ -174,17 +174,15 @@ def stage_sft(ctx: Ctx) -> None:
 def stage_sft_experiments(ctx: Ctx) -> None:
     """Data size (16, 64, 256, all chats), the masking ablation (loss on all tokens) and training the whole
     embedding table (which makes the model forget the names SFT never asks it to say)."""
-    from minillm.cli import stage_train_config
-    from minillm.finetune import run_sft
-    from minillm.plots import plot_series
-
-    cfg = stage_train_config(ctx["args"], "sft")
+    cfg = train_config(ctx, "sft")
+    method = get_preset(ctx["preset"]).sft_method
     test = read_jsonl_rows(ctx["data"] / "sft_test.jsonl")
     t0 = time.perf_counter()
     rows, sizes, ems = [], [], []
     for n in SFT_DATA_SIZES:
         out = ctx["out"] / "sft_experiments" / f"n{n}"
-        run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", out, cfg, limit=n, progress=False)
+        run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", out, cfg, override(method, {"limit": n}),
+                progress=False)
         r = _sft_eval(out, test)
         rows.append([f"{n} chats", r["exact_match"], r["refusal_accuracy"], r["gold_reward"]])
         sizes.append(n)
@@ -198,7 +196,8 @@ def stage_sft_experiments(ctx: Ctx) -> None:
                  ("all chats, whole embedding table trained", "embeddings_all", {"embeddings": "all"})]
     for label, name, kwargs in ablations:
         out = ctx["out"] / "sft_experiments" / name
-        run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", out, cfg, progress=False, **kwargs)
+        run_sft(ctx["runs"]["base"], ctx["data"] / "sft_train.jsonl", out, cfg, override(method, kwargs),
+                progress=False)
         r = _sft_eval(out, test)
         rows.append([label, r["exact_match"], r["refusal_accuracy"], r["gold_reward"]])
     plot_series(sizes, {"held-out exact match": ems}, ctx["out"] / "sft_experiments" / "data_size.png",
@@ -211,11 +210,6 @@ def stage_sft_experiments(ctx: Ctx) -> None:
         "![data size](sft_experiments/data_size.png)"]))
 
 
-def _stage_ctx(ctx: Ctx) -> dict[str, Any]:
-    """The plain context the alignment stages take: preset, data and output directories, the SFT run."""
-    return {"preset": ctx["args"].preset, "data": ctx["data"], "out": ctx["out"], "sft": ctx["runs"]["sft"]}
-
-
 def _card_rows(ctx: Ctx, stage: str, rows: dict[str, Any]) -> None:
     ctx["card"] += [(stage, k, f"{v:.3f}" if isinstance(v, float) else v) for k, v in rows.items()]
     ctx["summary"][stage] = rows
@@ -223,28 +217,60 @@ def _card_rows(ctx: Ctx, stage: str, rows: dict[str, Any]) -> None:
 
 def stage_reward(ctx: Ctx) -> None:
     """Bradley-Terry reward model from the SFT model; accuracy against the gold preferences."""
-    from minillm.align.rm_train import pipeline_reward
-
-    rows = pipeline_reward(_stage_ctx(ctx))
+    data = ctx["data"]
+    run = run_reward(ctx["runs"]["sft"], data / "prefs_train.jsonl", ctx["out"] / "rm", train_config(ctx, "reward"),
+                     get_preset(ctx["preset"]).reward_method, test=data / "prefs_test.jsonl")
     ctx["runs"]["rm"] = ctx["out"] / "rm"
-    _card_rows(ctx, "reward", rows)
+    _card_rows(ctx, "reward", reward_rows(run.result, run.stats))
     ctx["sections"].append("## Reward model\n\n![reward model calibration](rm/calibration.png)")
+
+
+def reward_rows(result, stats: dict[str, Any]) -> dict[str, Any]:
+    """The reward model's report rows (metric -> value)."""
+    rows = {
+        "reward model: held-out pairwise accuracy vs gold": stats["test_accuracy"],
+        "reward model: calibration error (ECE)": stats["test_ece"],
+        "reward model: final train loss": result.train_loss,
+        "reward model: reward offset (mean on SFT samples)": stats["reward_offset"],
+        "reward model: train seconds": result.seconds,
+    }
+    for kind, acc in stats["test_per_kind_accuracy"].items():
+        rows[f"reward model: accuracy, rejected = {kind}"] = acc
+    return rows
 
 
 def stage_dpo(ctx: Ctx) -> None:
     """DPO from the SFT model on the preference pairs; gold reward and exact match vs SFT."""
-    from minillm.align.dpo_train import pipeline_dpo
-
-    rows = pipeline_dpo(_stage_ctx(ctx))
-    ctx["runs"]["dpo"] = ctx["out"] / "dpo"
-    _card_rows(ctx, "dpo", rows)
+    data, out = ctx["data"], ctx["out"]
+    cfg, method = train_config(ctx, "dpo"), get_preset(ctx["preset"]).dpo_method
+    records = read_jsonl_rows(data / "sft_test.jsonl")
+    sft, tok, _ = load_plain_run(ctx["runs"]["sft"], device=cfg.device)
+    sft_eval = evaluate_instructions(sft, tok, records)
+    run = run_dpo(ctx["runs"]["sft"], data / "prefs_train.jsonl", out / "dpo", cfg, method,
+                  test=data / "prefs_test.jsonl")
+    policy, _, _ = load_run(out / "dpo", device=cfg.device)
+    dpo_eval = evaluate_instructions(policy, tok, records)
+    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
+    sampled_sft = reward_and_kl(sft, sft, tok, prompts, n_samples=2)
+    sampled = reward_and_kl(policy, sft, tok, prompts, n_samples=2)
+    ctx["runs"]["dpo"] = out / "dpo"
+    _card_rows(ctx, "dpo", {
+        "SFT: gold reward (greedy, sft_test)": sft_eval["gold_reward"],
+        "SFT: exact match (greedy, sft_test)": sft_eval["exact_match"],
+        "SFT: gold reward of samples (T=1)": sampled_sft["reward"],
+        "DPO: gold reward (greedy, sft_test)": dpo_eval["gold_reward"],
+        "DPO: exact match (greedy, sft_test)": dpo_eval["exact_match"],
+        "DPO: implicit-reward accuracy (prefs_test)": run.stats["test_accuracy"],
+        "DPO: gold reward of samples (T=1)": sampled["reward"],
+        "DPO: KL(pi || pi_ref) per response (T=1)": sampled["kl"],
+        "DPO: train seconds": run.result.seconds,
+        "DPO: settings": f"beta {method.beta}, loss_type {method.loss_type}, rpo_alpha {method.rpo_alpha}",
+    })
     ctx["sections"].append("## DPO\n\n![DPO loss](dpo/loss_curve.png)")
 
 
 def stage_eval(ctx: Ctx) -> None:
     """Validation perplexity and world MCQ accuracy of every stage's model."""
-    from minillm.eval.run import pipeline_eval
-
     per_stage = pipeline_eval({**{k: v for k, v in ctx["runs"].items() if k != "rm"}, "data": ctx["data"]})
     metrics = sorted({m for rows in per_stage.values() for m in rows})
     ctx["summary"]["eval"] = per_stage
@@ -252,6 +278,45 @@ def stage_eval(ctx: Ctx) -> None:
         "## Evaluation of every stage's model (validation perplexity, world MCQ test set)", "",
         md_table(["metric"] + list(per_stage), [[m] + [per_stage[s].get(m, "") for s in per_stage]
                                                 for m in metrics])]))
+
+
+def pipeline_eval(ctx: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Perplexity and MCQ rows for every stage's run in ctx: {stage: run_dir, ..., "data": world dir}.
+
+    "data" (optional, default data/world) names the directory with corpus_val.txt and mcq_test.jsonl;
+    every other key is a stage whose value is a run directory (those without ckpt.pt are skipped).
+    Each run's full report is written to <run_dir>/eval.json. Returns {stage: report_rows(report)}.
+    """
+    data = Path(ctx.get("data", "data/world"))
+    rows: dict[str, dict[str, Any]] = {}
+    for stage, run_dir in ctx.items():
+        if stage == "data" or run_dir is None or not (Path(run_dir) / "ckpt.pt").is_file():
+            continue
+        report = evaluate_run(run_dir, ppl=data / "corpus_val.txt", mcq=data / "mcq_test.jsonl")
+        write_json(Path(run_dir) / "eval.json", report)
+        rows[stage] = report_rows(report)
+    return rows
+
+
+def pipeline_qlora(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The QLoRA comparison as a stage of the main job; returns report rows (metric -> value).
+
+    ctx: "preset" (name), "data" (world data dir), "out" (pipeline dir), "base" (pretrained run dir);
+    optional "progress" (bool). Writes out/qlora_compare (table.md, results.json, one run per method).
+    """
+    data = Path(ctx["data"])
+    summary = compare_qlora(ctx["base"], data / "sft_train.jsonl", data / "sft_test.jsonl",
+                            Path(ctx["out"]) / "qlora_compare", get_preset(ctx["preset"]).sft,
+                            progress=ctx.get("progress", True))
+    rows: dict[str, Any] = {}
+    for r in summary["rows"]:
+        rows[f"{r['method']}: held-out exact match"] = r["exact_match"]
+        rows[f"{r['method']}: validation loss"] = r["val_loss"]
+        rows[f"{r['method']}: train seconds"] = r["train_seconds"]
+        rows[f"{r['method']}: params+buffers+grads+AdamW (MB)"] = r["memory"]["total"] / 2**20
+    nf4 = next(e for e in summary["errors"] if e["name"].startswith("trained model: every"))
+    rows["NF4 / int4 quantisation error (trained weights)"] = nf4["nf4"] / nf4["int4"]
+    return rows
 
 
 STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
@@ -269,24 +334,25 @@ STAGE_RUN_DIRS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo"
 RUN_KEYS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo"}
 
 
-def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    from minillm.config import get_preset
-    from minillm.utils import pick_device
-
+def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/world",
+                 tokenizer: str | Path = "data/tokenizer", preset: str = "cpu",
+                 model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None,
+                 seed_world: int = 0, skip: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every stage of STAGES in order (except `skip`) from `preset`; train_overrides apply to every stage."""
     t_total = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data)
-    ensure_world(data, args.seed_world)
-    tok = ensure_tokenizer(Path(args.tokenizer), data / "corpus_train.txt", get_preset(args.preset).vocab_size)
-    ctx: Ctx = {"args": args, "out": out, "data": data, "tok": tok, "runs": {}, "card": [], "sections": [],
-                "summary": {"preset": args.preset, "device": str(pick_device(args.__dict__.get("TrainConfig.device")
-                                                                            or "auto"))},
-                "timings": {"world+tokenizer": time.perf_counter() - t_total}}
-    skip = set(args.skip or [])
-    unknown = skip - {name for name, _ in STAGES}
+    out, data = Path(out), Path(data)
+    unknown = set(skip) - {name for name, _ in STAGES}
     if unknown:
         raise ValueError(f"--skip: unknown stage(s) {sorted(unknown)}; stages are {[n for n, _ in STAGES]}")
+    train_overrides = dict(train_overrides or {})
+    override(get_preset(preset).pretrain, train_overrides)  # a bad flag fails here, before any work
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_world(data, seed_world)
+    tok = ensure_tokenizer(Path(tokenizer), data / "corpus_train.txt", get_preset(preset).vocab_size)
+    ctx: Ctx = {"preset": preset, "model_overrides": dict(model_overrides or {}), "train_overrides": train_overrides,
+                "out": out, "data": data, "tok": tok, "runs": {}, "card": [], "sections": [],
+                "summary": {"preset": preset, "device": str(pick_device(train_overrides.get("device", "auto")))},
+                "timings": {"world+tokenizer": time.perf_counter() - t_total}}
     for name, stage in STAGES:
         if name in skip:
             # A skipped training stage reuses the run a previous pipeline left in --out, if any.

@@ -5,8 +5,12 @@
              g <- g * min(1, clip / ||g||)
              theta <- AdamW(theta, g, lr_s)   (weight decay on matrices only)
 
-A stage supplies `get_batch(split, generator)` and `loss_fn(model, batch) -> (loss_sum, n_units)`: the
-*sum* of its per-unit losses (tokens for language modelling, pairs for DPO) and how many units it summed.
+A stage supplies a batch source and `loss_fn(model, batch) -> (loss_sum, n_units)`: the *sum* of its
+per-unit losses (tokens for language modelling, pairs for DPO) and how many units it summed. An offline
+source is `get_batch(split, generator)` (a fixed data set); an on-policy source (`on_policy=True`) is
+`get_batch(split, generator, model, step)`: it sees the model being trained, so rollout -> score ->
+advantage (PPO, GRPO), a distillation teacher scoring the student's samples, or a reference model's
+log-probs are all just batch sources, and the loop stays the same.
 The loop divides the accumulated gradient by the units of the whole effective batch, so one micro-batch of 8
 and four micro-batches of 2 give the same update (per-micro-batch means would weight short batches more).
 """
@@ -25,13 +29,20 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from minillm.config import TrainConfig
+from minillm.plots import plot_loss_curve
 from minillm.utils import (
-    atomic_torch_save, autocast_dtype, pick_device, rng_state, safe_torch_load, set_rng_state, write_json,
+    atomic_torch_save,
+    autocast_dtype,
+    pick_device,
+    rng_state,
+    safe_torch_load,
+    set_rng_state,
 )
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int | torch.Tensor]]
 GetBatch = Callable[[str, torch.Generator], Batch]
+OnPolicyGetBatch = Callable[[str, torch.Generator, nn.Module, int], Batch]  # (split, gen, model, step)
 CKPT_NAME = "ckpt.pt"
 
 
@@ -99,9 +110,16 @@ def _autocast(device: torch.device, cfg: TrainConfig):
     return (torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()), dtype
 
 
+def draw(get_batch: GetBatch | OnPolicyGetBatch, split: str, gen: torch.Generator, model: nn.Module, step: int,
+         on_policy: bool) -> Batch:
+    """One batch from an offline source (split, gen) or an on-policy one (split, gen, model, step)."""
+    return get_batch(split, gen, model, step) if on_policy else get_batch(split, gen)
+
+
 @torch.no_grad()
-def estimate_loss(model: nn.Module, get_batch: GetBatch, loss_fn: LossFn, split: str, iters: int,
-                  device: torch.device, cfg: TrainConfig, seed: int = 0) -> float:
+def estimate_loss(model: nn.Module, get_batch: GetBatch | OnPolicyGetBatch, loss_fn: LossFn, split: str, iters: int,
+                  device: torch.device, cfg: TrainConfig, seed: int = 0, step: int = 0,
+                  on_policy: bool = False) -> float:
     """Mean loss per unit over `iters` batches of `split`, from a fixed generator so evals are comparable."""
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -109,7 +127,7 @@ def estimate_loss(model: nn.Module, get_batch: GetBatch, loss_fn: LossFn, split:
     total, units = 0.0, 0.0
     ctx, _ = _autocast(device, cfg)
     for _ in range(iters):
-        batch = to_device(get_batch(split, gen), device)
+        batch = to_device(draw(get_batch, split, gen, model, step, on_policy), device)
         with ctx:
             loss_sum, n = loss_fn(model, batch)
         total += float(loss_sum)
@@ -129,7 +147,7 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], what: str)
 def train(
     model: nn.Module,
     cfg: TrainConfig,
-    get_batch: GetBatch,
+    get_batch: GetBatch | OnPolicyGetBatch,
     loss_fn: LossFn,
     out_dir: str | Path,
     resume: bool = False,
@@ -137,8 +155,12 @@ def train(
     desc: str = "train",
     has_val: bool = True,
     progress: bool = True,
+    on_policy: bool = False,
 ) -> TrainResult:
     """Run cfg.max_steps optimiser steps (continuing from out_dir/ckpt.pt when resume=True).
+
+    on_policy=True calls get_batch(split, generator, model, step) with the model as it is at that step (in
+    train mode: a source that samples switches to eval mode and no_grad itself, and back).
 
     Writes out_dir/metrics.jsonl (one JSON line per log/eval), out_dir/ckpt.pt (model, optimizer, step,
     RNG states, run_config; atomically) and out_dir/loss_curve.png. Returns the final losses and speed.
@@ -174,7 +196,7 @@ def train(
             group["lr"] = lr
         loss_total, units_total = 0.0, 0.0
         for _ in range(cfg.grad_accum):
-            batch = to_device(get_batch("train", batch_gen), device)
+            batch = to_device(draw(get_batch, "train", batch_gen, model, step, on_policy), device)
             with ctx:
                 loss_sum, n = loss_fn(model, batch)
             (scaler.scale(loss_sum) if scaler else loss_sum).backward()
@@ -183,10 +205,10 @@ def train(
             tokens_log += batch_tokens(batch)
         if scaler:
             scaler.unscale_(optimizer)
-        # The gradient of the sum, divided by the units of the whole effective batch (one fused op).
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, 1.0 / max(units_total, 1.0))
+        # The gradient of the sum, divided by the units of the whole effective batch.
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(1.0 / max(units_total, 1.0))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if scaler:
             scaler.step(optimizer)
@@ -206,7 +228,8 @@ def train(
             record.update(step=step, loss=train_loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
         if has_val and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
-            val_loss = estimate_loss(model, get_batch, loss_fn, "val", cfg.eval_iters, device, cfg)
+            val_loss = estimate_loss(model, get_batch, loss_fn, "val", cfg.eval_iters, device, cfg, step=step,
+                                     on_policy=on_policy)
             record.update(step=step, val_loss=val_loss)
             bar.write(f"{desc} step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         if record:
@@ -217,7 +240,6 @@ def train(
     bar.close()
     seconds = time.perf_counter() - t_start
     if metrics_path.exists():
-        from minillm.plots import plot_loss_curve
 
         plot_loss_curve(metrics_path, out_dir / "loss_curve.png", title=desc)
     return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss, seconds=seconds, tokens_per_s=tok_s)

@@ -81,12 +81,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def rng_state() -> dict[str, Any]:
     """Every RNG a training run draws from, as tensors and plain values (loadable with weights_only)."""
     state: dict[str, Any] = {

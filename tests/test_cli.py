@@ -87,3 +87,21 @@ def test_memory_command(capsys):
     assert main(["memory", "--preset", "7b-shaped"]) == 0
     out = capsys.readouterr().out
     assert "full FT fp32" in out and "QLoRA" in out
+
+
+def test_stage_knobs_are_flags_with_the_presets_values(capsys):
+    """A method knob is spelled once (a field of config.DPOConfig): the flag, its help and its default follow."""
+    from minillm.cli import build_parser, stage_method, stage_train_config
+
+    with pytest.raises(SystemExit):
+        main(["dpo", "--help"])
+    out = capsys.readouterr().out
+    assert "--rpo-alpha FLOAT" in out and "presets: cpu 1.0, gpu 1.0, tiny 1.0" not in out  # one value: "default"
+    assert "KL strength (tau for IPO); default 0.1" in out and "--lr FLOAT            presets: cpu 5e-06" in out
+    args = build_parser().parse_args(["dpo", "--preset", "tiny", "--beta", "0.2", "--rpo-alpha", "none", "--lr", "0.5"])
+    method, cfg = stage_method(args, "dpo"), stage_train_config(args, "dpo")
+    assert (method.beta, method.rpo_alpha, method.loss_type) == (0.2, None, "sigmoid")
+    assert cfg.lr == 0.5 and cfg.max_steps == 30  # the rest from the tiny preset
+    assert stage_method(build_parser().parse_args(["dpo"]), "dpo").rpo_alpha == 1.0  # the preset's
+    args = build_parser().parse_args(["sft", "--packing", "--limit", "16", "--loss-on", "all"])
+    assert (stage_method(args, "sft").packing, stage_method(args, "sft").limit) == (True, 16)

@@ -1,5 +1,4 @@
 """DPO stage: concatenated log-probs, a reference that never moves, the trainer on a tiny model, the CLI's checks."""
-import argparse
 import copy
 import json
 import math
@@ -9,16 +8,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.align.dpo_train import (
-    add_dpo_command, concatenated_logps, dpo_loss_fn, evaluate_dpo, precompute_reference_logps, reference_logps,
-    reward_and_kl, run_dpo,
-)
 from minillm.align.logprobs import sequence_logprobs
-from minillm.align.preferences import collate_pairs, encode_pair, parse_preference, read_preferences
-from minillm.config import TrainConfig
+from minillm.align.preferences import (
+    collate_pairs,
+    encode_pair,
+    parse_preference,
+    read_preferences,
+)
+from minillm.cli import main
+from minillm.config import DPOConfig, TrainConfig
 from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import apply_peft, disable_adapters
-from minillm.pretrain import load_run, save_run_files
+from minillm.runs import load_run, save_run_files
+from minillm.stages.dpo import (
+    concatenated_logps,
+    dpo_loss_fn,
+    evaluate_dpo,
+    precompute_reference_logps,
+    reference_logps,
+    reward_and_kl,
+    run_dpo,
+)
 from minillm.tokenizer import Tokenizer
 from minillm.utils import atomic_torch_save
 from minillm.world import gold_reward
@@ -166,8 +176,8 @@ def test_run_dpo_reduces_the_loss_and_saves_a_loadable_run(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", PAIRS + [same, same])
     test = write_jsonl(tmp_path / "test.jsonl", PAIRS)
     sft, _, _ = load_run(init)
-    policy, result, stats = run_dpo(init, data, tmp_path / "dpo", tiny_cfg(), val_fraction=0.0, test=test,
-                                    progress=False)
+    run = run_dpo(init, data, tmp_path / "dpo", tiny_cfg(), DPOConfig(val_fraction=0.0), test=test, progress=False)
+    policy, stats = run.model, run.stats
     assert stats["identical_skipped"] == 2 and stats["train_pairs"] == len(PAIRS)
     assert "skipped 2 pairs whose chosen equals rejected" in capsys.readouterr().out
     assert mean_loss(sft, sft) == pytest.approx(math.log(2), abs=1e-6)
@@ -187,8 +197,9 @@ def test_run_dpo_with_lora_uses_the_disabled_adapters_as_reference(tmp_path):
     init = make_run(tmp_path / "sft")
     data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
     sft, _, _ = load_run(init)
-    policy, _, _ = run_dpo(init, data, tmp_path / "dpo", tiny_cfg(lr=2e-2, min_lr=2e-2), loss_type="ipo",
-                           peft={"method": "lora", "r": 4, "lora_alpha": 8}, val_fraction=0.0, progress=False)
+    policy = run_dpo(init, data, tmp_path / "dpo", tiny_cfg(lr=2e-2, min_lr=2e-2),
+                     DPOConfig(loss_type="ipo", val_fraction=0.0), peft={"method": "lora", "r": 4, "lora_alpha": 8},
+                     progress=False).model
     loaded, _, cfg = load_run(tmp_path / "dpo")
     assert cfg["peft"]["method"] == "lora" and cfg["dpo"]["average_logps"] is True  # IPO averages, as TRL
     assert (tmp_path / "dpo" / "adapter.pt").exists()
@@ -233,12 +244,6 @@ def test_reward_and_kl_of_the_reference_itself():
 
 
 # ----------------------------------------------------------------------------- bad input
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minillm")
-    add_dpo_command(p.add_subparsers(dest="command"))
-    return p
-
-
 @pytest.mark.parametrize("flag, value, message", [
     ("--beta", "0", "beta must be a finite number > 0"),
     ("--beta", "-0.1", "beta must be a finite number > 0"),
@@ -246,25 +251,21 @@ def parser() -> argparse.ArgumentParser:
     ("--label-smoothing", "0.5", "label_smoothing must be in [0, 0.5)"),
     ("--label-smoothing", "-0.1", "label_smoothing must be in [0, 0.5)"),
 ])
-def test_cli_rejects_bad_beta_and_label_smoothing(flag, value, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        parser().parse_args(["dpo", flag, value])
-    assert e.value.code == 2 and message in capsys.readouterr().err
+def test_cli_rejects_bad_beta_and_label_smoothing(flag, value, message, capsys, tmp_path):
+    assert main(["dpo", "--init", str(tmp_path / "missing"), flag, value]) == 2
+    assert message in capsys.readouterr().err
 
 
-def test_cli_checks_hyperparameters_before_loading_anything(tmp_path):
-    args = parser().parse_args(["dpo", "--init", str(tmp_path / "missing"), "--loss-type", "hinge",
-                                "--label-smoothing", "0.1"])
-    with pytest.raises(ValueError, match="label_smoothing applies to loss_type 'sigmoid' or 'robust'"):
-        args.func(args)
-    args = parser().parse_args(["dpo", "--init", str(tmp_path / "missing"), "--test", ""])
-    with pytest.raises(FileNotFoundError, match="missing"):
-        args.func(args)
-    args = parser().parse_args(["dpo", "--init", str(tmp_path / "missing"), "--rpo-alpha", "-1"])
-    with pytest.raises(ValueError, match="rpo_alpha"):
-        args.func(args)
+def test_cli_checks_hyperparameters_before_loading_anything(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    assert main(["dpo", "--init", missing, "--loss-type", "hinge", "--label-smoothing", "0.1"]) == 2
+    assert "label_smoothing applies to loss_type 'sigmoid' or 'robust'" in capsys.readouterr().err
+    assert main(["dpo", "--init", missing, "--test", ""]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["dpo", "--init", missing, "--rpo-alpha", "-1"]) == 2
+    assert "rpo_alpha" in capsys.readouterr().err
     with pytest.raises(ValueError, match="beta"):
-        run_dpo(tmp_path / "missing", tmp_path / "none.jsonl", tmp_path / "out", tiny_cfg(), beta=0.0)
+        run_dpo(tmp_path / "missing", tmp_path / "none.jsonl", tmp_path / "out", tiny_cfg(), DPOConfig(beta=0.0))
     assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,5 @@
-"""`minillm eval` (minillm/eval/run.py): the report agrees with the library functions and with hand-computed
+"""`minillm eval` (minillm/stages/evaluate.py): the report agrees with the library functions and with hand-computed
 values, the cloze format rewrites world questions, the optional checks run, bad input names what is wrong."""
-import argparse
 import json
 import math
 from pathlib import Path
@@ -8,20 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from minillm.cli import build_parser
 from minillm.datasets import tokenize_corpus
 from minillm.eval.mcq import evaluate_mcq
 from minillm.eval.perplexity import perplexity
-from minillm.eval.run import (
-    add_eval_command,
+from minillm.model import GPT, GPTConfig
+from minillm.pipeline import pipeline_eval
+from minillm.runs import load_run, save_run_files
+from minillm.stages.evaluate import (
     cloze_item,
     evaluate_run,
-    pipeline_eval,
     render_table,
     resolve_format,
     world_question,
 )
-from minillm.model import GPT, GPTConfig
-from minillm.pretrain import load_run, save_run_files
 from minillm.tokenizer import Tokenizer
 from minillm.train import CKPT_NAME
 from minillm.utils import atomic_torch_save
@@ -79,8 +78,7 @@ def files(tmp_path_factory):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    add_eval_command(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["eval", *argv])
     args.func(args)
 

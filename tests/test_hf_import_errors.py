@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from minillm.hf_gpt2 import from_hf_gpt2
 from minillm.model import GPT, GPTConfig
 
 CFG = GPTConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, n_embd=8)
@@ -20,24 +21,24 @@ def _hf_style_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def test_round_trip_through_hf_layout():
     torch.manual_seed(0)
     m = GPT(CFG).eval()
-    loaded = GPT.from_hf_gpt2(_hf_style_state_dict(m), CFG).eval()
+    loaded = from_hf_gpt2(_hf_style_state_dict(m), CFG).eval()
     x = torch.randint(0, 30, (1, 8))
     assert torch.allclose(m(x), loaded(x))
 
 
 def test_state_dict_needs_config():
     with pytest.raises(ValueError, match="config"):
-        GPT.from_hf_gpt2(_hf_style_state_dict(GPT(CFG)))
+        from_hf_gpt2(_hf_style_state_dict(GPT(CFG)))
 
 
 def test_wrong_shapes_named():
     sd = _hf_style_state_dict(GPT(CFG))
     with pytest.raises(ValueError, match="wte.weight"):
-        GPT.from_hf_gpt2(sd, GPTConfig(vocab_size=31, block_size=8, n_layer=1, n_head=2, n_embd=8))
+        from_hf_gpt2(sd, GPTConfig(vocab_size=31, block_size=8, n_layer=1, n_head=2, n_embd=8))
 
 
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError):
-        GPT.from_hf_gpt2(tmp_path / "missing")
+        from_hf_gpt2(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        GPT.from_hf_gpt2(tmp_path)
+        from_hf_gpt2(tmp_path)

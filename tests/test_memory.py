@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from minillm.memory import (
-    GiB,
     MODEL_PRESETS,
+    GiB,
     buffer_bytes,
     format_memory_table,
     gpt2_param_count,
@@ -18,8 +18,8 @@ from minillm.memory import (
     quantized_weight_bytes,
     training_memory,
 )
+from minillm.peft.qlora import quantize_model
 from minillm.quant.nf4 import quantize_4bit
-from minillm.quant.qlora import quantize_model
 
 
 def small_model() -> nn.Module:

@@ -1,5 +1,4 @@
 """On-policy pairs: best/worst selection by hand, ties and empty samples, the JSONL round trip, the command."""
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -7,12 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.align.onpolicy import (
-    add_pairs_command, best_worst_pairs, gold_scorer, make_pairs, read_prompts, sample_responses, write_pairs,
-)
 from minillm.align.preferences import read_preferences
+from minillm.cli import build_parser
+from minillm.config import PairsConfig
 from minillm.model import GPT, GPTConfig
-from minillm.pretrain import save_run_files
+from minillm.runs import save_run_files
+from minillm.stages.pairs import (
+    best_worst_pairs,
+    gold_scorer,
+    read_prompts,
+    run_pairs,
+    sample_responses,
+    write_pairs,
+)
 from minillm.tokenizer import Tokenizer
 from minillm.utils import atomic_torch_save
 from minillm.world import gold_reward
@@ -82,10 +88,10 @@ def test_sample_responses_shape_and_seed():
         sample_responses(model, TOK, prompts, n=0)
 
 
-def test_make_pairs_with_the_gold_scorer(tmp_path):
+def test_run_pairs_with_the_gold_scorer(tmp_path):
     policy = make_run(tmp_path / "sft")
-    stats = make_pairs(policy, ROOT / "data" / "world" / "sft_train.jsonl", tmp_path / "pairs.jsonl", n=3,
-                       limit=6, max_new_tokens=10, device="cpu")
+    stats = run_pairs(policy, ROOT / "data" / "world" / "sft_train.jsonl", tmp_path / "pairs.jsonl",
+                      PairsConfig(n=3, limit=6, max_new_tokens=10), device="cpu")
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert stats["pairs"] == len(rows) == 6 - stats["ties"] - stats["too_few"] and rows
     for r in rows:
@@ -96,8 +102,7 @@ def test_make_pairs_with_the_gold_scorer(tmp_path):
 
 
 def test_pairs_command_checks_its_arguments(tmp_path):
-    p = argparse.ArgumentParser()
-    add_pairs_command(p.add_subparsers(dest="command"))
+    p = build_parser()
     args = p.parse_args(["pairs", "--policy", str(tmp_path), "--n", "1"])
     with pytest.raises(ValueError, match="n must be an int >= 2"):
         args.func(args)

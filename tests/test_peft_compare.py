@@ -1,18 +1,27 @@
 """The PEFT comparison's bookkeeping: parameter shares, analytic (meta-device) counts against the
 formulas, training bytes, timing helpers, and a tiny end-to-end run of two methods."""
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from minillm.cli import build_parser
 from minillm.config import TrainConfig, get_preset
 from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import apply_peft
-from minillm.peft.compare import (
-    DEFAULT_METHODS, add_peft_compare_command, analytic_parameter_table, build_meta_model, compare_methods,
-    forward_seconds, is_mergeable, load_records, method_spec, method_train_config, parameter_share, parse_methods,
+from minillm.stages.compare import (
+    DEFAULT_METHODS,
+    analytic_parameter_table,
+    build_meta_model,
+    compare_methods,
+    forward_seconds,
+    is_mergeable,
+    load_records,
+    method_spec,
+    method_train_config,
+    parameter_share,
+    parse_methods,
     slowdowns,
 )
 
@@ -165,7 +174,7 @@ def test_load_records_names_the_bad_line(tmp_path):
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """A tiny pretrained run (2 steps on a slice of the world corpus)."""
-    from minillm.pretrain import pretrain
+    from minillm.stages.pretrain import pretrain
     from minillm.tokenizer import Tokenizer
 
     d = tmp_path_factory.mktemp("base")
@@ -181,7 +190,7 @@ def base_run(tmp_path_factory):
 def test_two_methods_end_to_end(base_run, tmp_path):
     from minillm.peft.apply import load_adapter
     from minillm.peft.tokens import chat_token_ids
-    from minillm.pretrain import load_run
+    from minillm.runs import load_run
 
     lines = (WORLD / "sft_test.jsonl").read_text().splitlines()
     test = tmp_path / "test.jsonl"
@@ -221,8 +230,7 @@ def test_two_methods_end_to_end(base_run, tmp_path):
 
 
 def test_command_line(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_peft_compare_command(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["peft-compare", "--methods", "lora,full", "--max-steps", "3",
                               "--init", str(tmp_path / "missing")])
     assert args.methods == "lora,full" and args.peft_lr is None and args.out == "runs/peft_compare"

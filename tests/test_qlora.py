@@ -1,14 +1,20 @@
-"""Linear4bit, quantize_model, QLoRALinear and LoftQ (minillm.quant.qlora, minillm.quant.loftq)."""
+"""Linear4bit, quantize_model, QLoRALinear and LoftQ (minillm.peft.qlora, minillm.peft.loftq)."""
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.peft.loftq import loftq_init, loftq_linear, low_rank_factors
 from minillm.peft.lora import LoRALinear
-from minillm.quant.loftq import loftq_init, loftq_linear, low_rank_factors
+from minillm.peft.qlora import (
+    Linear4bit,
+    QLoRALinear,
+    _DequantizeLinear,
+    quantize_model,
+    quantized_layers,
+)
 from minillm.quant.nf4 import dequantize_4bit, quantize_4bit
-from minillm.quant.qlora import Linear4bit, _DequantizeLinear, QLoRALinear, quantize_model, quantized_layers
 from minillm.utils import atomic_torch_save, safe_torch_load
 
 

@@ -8,20 +8,34 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minillm.config import TrainConfig
+from minillm.config import SFTConfig, TrainConfig
 from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import (
-    PEFT_METHODS, adapter_parameters, adapter_state_dict, apply_peft, load_adapter, merge_peft, save_adapter,
+    PEFT_METHODS,
+    adapter_parameters,
+    adapter_state_dict,
+    apply_peft,
+    load_adapter,
+    merge_peft,
+    save_adapter,
 )
-from minillm.peft.compare import PEFT_LR_MULTIPLIER
+from minillm.peft.loftq import loftq_init
 from minillm.peft.lora import LoRALinear
-from minillm.quant.experiment import (
-    compare_qlora, dequantize_model, error_row, excess_kurtosis, gaussian_weights, linear_weights, main,
-    method_spec, parse_methods, quantization_error_table,
-)
-from minillm.quant.loftq import loftq_init
+from minillm.peft.qlora import Linear4bit, quantized_layers
 from minillm.quant.nf4 import dequantize_4bit, quantize_4bit
-from minillm.quant.qlora import Linear4bit, quantized_layers
+from minillm.stages.compare import PEFT_LR_MULTIPLIER
+from minillm.stages.qlora_compare import (
+    compare_qlora,
+    dequantize_model,
+    error_row,
+    excess_kurtosis,
+    gaussian_weights,
+    linear_weights,
+    main,
+    method_spec,
+    parse_methods,
+    quantization_error_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = ROOT / "data" / "world"
@@ -193,7 +207,7 @@ def test_state_dict_round_trip_restores_the_4bit_buffers():
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """A tiny pretrained run directory (2 steps on a slice of the world corpus)."""
-    from minillm.pretrain import pretrain
+    from minillm.stages.pretrain import pretrain
     from minillm.tokenizer import Tokenizer
 
     tok = Tokenizer.load(ROOT / "data" / "tokenizer")
@@ -215,13 +229,14 @@ def sft_cfg(**kw) -> TrainConfig:
 
 @pytest.mark.parametrize("loftq_iters", [0, 1])
 def test_run_sft_with_qlora_then_load_run_gives_the_same_logits(base_run, tmp_path, loftq_iters):
-    from minillm.finetune import run_sft
-    from minillm.pretrain import load_run
+    from minillm.runs import load_run
+    from minillm.stages.sft import run_sft
 
     base, _, _ = load_run(base_run)
     peft = {"method": "qlora", "loftq_iters": loftq_iters}
-    model, result, _ = run_sft(base_run, WORLD / "sft_train.jsonl", tmp_path / "q", sft_cfg(), peft=peft,
-                               limit=40, progress=False)
+    run = run_sft(base_run, WORLD / "sft_train.jsonl", tmp_path / "q", sft_cfg(), SFTConfig(limit=40), peft=peft,
+                  progress=False)
+    model, result = run.model, run.result
     assert result.step == 3
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["peft"]
     assert {k: v for k, v in saved.items() if k != "trainable_token_indices"} == peft  # + chat-token rows
@@ -338,7 +353,7 @@ def test_pipeline_stage_returns_report_rows(base_run, small_world, tmp_path, mon
     from dataclasses import replace
 
     from minillm.config import PRESETS, get_preset
-    from minillm.quant.experiment import pipeline_qlora
+    from minillm.pipeline import pipeline_qlora
 
     tiny = get_preset("tiny")
     monkeypatch.setitem(PRESETS, "tiny", replace(tiny, sft=replace(tiny.sft, max_steps=2, eval_interval=0,

@@ -1,5 +1,4 @@
 """Reward-model stage: preference records, chat-template pairs, the training loop, normalisation, calibration."""
-import argparse
 import json
 import math
 from dataclasses import asdict
@@ -9,16 +8,27 @@ import pytest
 import torch
 
 from minillm.align.preferences import (
-    collate_pairs, encode_pair, encode_preferences, parse_preference, read_preferences, split_pairs,
+    collate_pairs,
+    encode_pair,
+    encode_preferences,
+    parse_preference,
+    read_preferences,
+    split_pairs,
 )
 from minillm.align.reward import RewardModel, bradley_terry_loss
-from minillm.align.rm_train import (
-    add_reward_command, calibration, load_reward_model, plot_calibration, reward_loss_fn, reward_offset,
-    run_reward, score_sequences, score_texts,
-)
-from minillm.config import TrainConfig
+from minillm.cli import build_parser
+from minillm.config import RewardConfig, TrainConfig
 from minillm.model import GPT, GPTConfig
-from minillm.pretrain import load_run, save_run_files
+from minillm.runs import load_reward_model, load_run, save_run_files
+from minillm.stages.reward import (
+    calibration,
+    plot_calibration,
+    reward_loss_fn,
+    reward_offset,
+    run_reward,
+    score_sequences,
+    score_texts,
+)
 from minillm.tokenizer import Tokenizer
 from minillm.utils import atomic_torch_save
 
@@ -217,8 +227,9 @@ def test_run_reward_learns_saves_and_loads(tmp_path, capsys):
     test = write_jsonl(tmp_path / "test.jsonl", PAIRS)
     pairs, _ = read_preferences(test)
     encoded, _ = encode_preferences(TOK, pairs, 64)
-    rm, result, stats = run_reward(init, data, tmp_path / "rm", tiny_cfg(), val_fraction=0.0, test=test,
-                                   norm_prompts=3, progress=False)
+    run = run_reward(init, data, tmp_path / "rm", tiny_cfg(), RewardConfig(val_fraction=0.0, norm_prompts=3),
+                     test=test, progress=False)
+    rm, stats = run.model, run.stats
     assert stats["identical_skipped"] == 1 and stats["train_pairs"] == len(PAIRS)
     assert "skipped 1 pairs whose chosen equals rejected" in capsys.readouterr().out
     with torch.no_grad():
@@ -242,8 +253,7 @@ def test_run_reward_learns_saves_and_loads(tmp_path, capsys):
 
 
 def test_reward_cli_validates_before_loading(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_reward_command(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["reward", "--preset", "tiny", "--init", str(tmp_path / "missing"), "--test", "",
                               "--max-steps", "2"])
     assert args.func.__name__ == "cmd_reward" and args.test == ""

@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.align.sft import (
-    IGNORE_INDEX, SFTExample, all_tokens_mask, alpaca_to_messages, collate, encode_chats, load_chats, pack,
-    sample_batches, sft_loss,
+from minillm.align.chat import (
+    SFTExample,
+    all_tokens_mask,
+    alpaca_to_messages,
+    collate,
+    encode_chats,
+    load_chats,
+    pack,
+    sample_batches,
 )
+from minillm.align.sft import IGNORE_INDEX, sft_loss
 from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import Tokenizer
 

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.align.sft import SFTExample, collate, sft_loss
-from minillm.config import TrainConfig
-from minillm.finetune import run_sft
+from minillm.align.chat import SFTExample, collate
+from minillm.align.sft import sft_loss
+from minillm.config import SFTConfig, TrainConfig
 from minillm.model import GPT, GPTConfig
-from minillm.pretrain import load_run, pretrain
+from minillm.runs import load_run
+from minillm.stages.pretrain import pretrain
+from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer
 from minillm.train import train
 
@@ -139,7 +141,8 @@ def test_run_sft_writes_a_loadable_run(tmp_path, tok, base_run):
                          {"role": "assistant", "content": " ".join(["Oakvale"] * 100) + "."}]}
     data = write_jsonl(tmp_path / "chats.jsonl", world_rows("sft_train.jsonl", 30) + [long])
     out = tmp_path / "sft"
-    model, result, stats = run_sft(base_run, data, out, sft_cfg(), progress=False)
+    run = run_sft(base_run, data, out, sft_cfg(), progress=False)
+    model, result, stats = run.model, run.result, run.stats
     assert stats["conversations"] == 31 and stats["dropped_too_long"] == 1
     assert stats["train_examples"] + stats["val_examples"] == 30 and stats["val_examples"] == 1
     assert result.step == 3 and result.val_loss is not None
@@ -167,14 +170,14 @@ def test_run_sft_writes_a_loadable_run(tmp_path, tok, base_run):
 
 def test_run_sft_packing_and_limit(tmp_path, tok, base_run):
     data = write_jsonl(tmp_path / "chats.jsonl", world_rows("sft_train.jsonl", 40))
-    _, _, stats = run_sft(base_run, data, tmp_path / "packed", sft_cfg(max_steps=1), packing=True, limit=30,
-                          loss_on="all", progress=False)
+    stats = run_sft(base_run, data, tmp_path / "packed", sft_cfg(max_steps=1),
+                    SFTConfig(packing=True, limit=30, loss_on="all"), progress=False).stats
     assert stats["conversations"] == 30 and stats["train_examples"] == 29 and stats["val_examples"] == 1
     assert 1 <= stats["train_rows"] < 29  # ~20-token chats, 65-token rows
     with pytest.raises(ValueError, match="loss_on"):
-        run_sft(base_run, data, tmp_path / "x", sft_cfg(), loss_on="prompt")
+        run_sft(base_run, data, tmp_path / "x", sft_cfg(), SFTConfig(loss_on="prompt"))
     with pytest.raises(ValueError, match="limit"):
-        run_sft(base_run, data, tmp_path / "x", sft_cfg(), limit=0)
+        run_sft(base_run, data, tmp_path / "x", sft_cfg(), SFTConfig(limit=0))
 
 
 def test_lora_run_reloads_with_its_adapter(tmp_path, tok, base_run):
@@ -184,7 +187,7 @@ def test_lora_run_reloads_with_its_adapter(tmp_path, tok, base_run):
     data = write_jsonl(tmp_path / "chats.jsonl", world_rows("sft_train.jsonl", 24))
     out = tmp_path / "lora"
     peft = {"method": "lora", "r": 2, "lora_alpha": 4}
-    model, _, _ = run_sft(base_run, data, out, sft_cfg(), peft=peft, progress=False)
+    model = run_sft(base_run, data, out, sft_cfg(), peft=peft, progress=False).model
     assert (out / "adapter.pt").exists()
     reloaded, _, run_config = load_run(out)
     from minillm.peft.tokens import chat_token_ids
@@ -337,14 +340,16 @@ def test_sft_keeps_the_embedding_rows_pretraining_learned(tmp_path, tok, base_ru
     """embeddings="new": rows of corpus tokens stay bit-identical, rows pretraining never used (chat tokens) train;
     embeddings="all" changes the learned rows too."""
     from minillm.datasets import tokenize_corpus
-    from minillm.pretrain import load_run
+    from minillm.runs import load_run
 
     base, _, cfg = load_run(base_run)
     learned = tokenize_corpus(cfg["data"]["train"], tok).unique()
     data = write_jsonl(tmp_path / "d.jsonl", world_rows("sft_train.jsonl", 40))
-    new, _, stats = run_sft(base_run, data, tmp_path / "new", sft_cfg(max_steps=3, weight_decay=0.0))
+    run = run_sft(base_run, data, tmp_path / "new", sft_cfg(max_steps=3, weight_decay=0.0))
+    new, stats = run.model, run.stats
     assert stats["frozen_embedding_rows"] == learned.numel()
     assert torch.equal(new.wte.weight[learned], base.wte.weight[learned])
     assert not torch.equal(new.wte.weight[tok.assistant_id], base.wte.weight[tok.assistant_id])
-    every, _, _ = run_sft(base_run, data, tmp_path / "all", sft_cfg(max_steps=3, weight_decay=0.0), embeddings="all")
+    every = run_sft(base_run, data, tmp_path / "all", sft_cfg(max_steps=3, weight_decay=0.0),
+                    SFTConfig(embeddings="all")).model
     assert not torch.equal(every.wte.weight[learned], base.wte.weight[learned])

@@ -7,7 +7,7 @@ import torch
 from minillm.config import TrainConfig
 from minillm.datasets import random_windows
 from minillm.model import GPT, GPTConfig
-from minillm.pretrain import lm_loss
+from minillm.stages.pretrain import lm_loss
 from minillm.train import configure_optimizer, lr_at, train
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
@@ -97,7 +97,7 @@ def test_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_checkpoint_errors(tmp_path):
-    from minillm.pretrain import load_run
+    from minillm.runs import load_run
 
     with pytest.raises(FileNotFoundError):
         load_run(tmp_path / "nope")
@@ -120,3 +120,35 @@ def test_resume_with_another_config_is_refused(tmp_path):
 def test_invalid_train_config(kwargs):
     with pytest.raises(ValueError):
         TrainConfig(**kwargs)
+
+
+def test_on_policy_source_sees_the_live_model_and_the_step(tmp_path):
+    """An on-policy batch source is called with the model being trained, as it is at that step: its samples
+    (here: greedy continuations of a fixed prompt, trained on as targets — self-distillation in small) change
+    as the weights change, and the source is never handed a stale copy."""
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    seen: list[tuple[int, int, torch.Tensor]] = []
+
+    def rollout(split, gen, policy, step):
+        was_training = policy.training
+        policy.eval()
+        with torch.no_grad():
+            idx = torch.randint(0, 50, (4, 4), generator=gen)  # (B, 4) prompts
+            for _ in range(CFG.block_size - 4):
+                nxt = policy(idx)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+                idx = torch.cat([idx, nxt], dim=1)
+        policy.train(was_training)
+        seen.append((step, id(policy), policy.lm_head.weight.detach().clone()))
+        return {"input_ids": idx[:, :-1], "targets": idx[:, 1:]}
+
+    cfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-2, warmup_steps=0, eval_interval=2, eval_iters=1,
+                      log_interval=1, device="cpu")
+    train(model, cfg, rollout, lm_loss, tmp_path, progress=False, on_policy=True)
+    train_draws = [s for s in seen if s[0] in range(4)]
+    assert [s[0] for s in seen] == [0, 1, 2, 2, 3, 4]  # train steps 0-3; validation after steps 2 and 4
+    assert {s[1] for s in seen} == {id(model)}
+    assert not torch.equal(train_draws[0][2], train_draws[1][2])  # the weights it sampled from moved
+    assert torch.equal(seen[-1][2], model.lm_head.weight.detach())  # the last validation saw the final weights
+    with pytest.raises(TypeError):  # an on-policy source is not an offline one
+        train(GPT(CFG), cfg, rollout, lm_loss, tmp_path / "offline", progress=False)

@@ -57,7 +57,7 @@ def dpo_loss(
     given (as TRL does); with reference_free=True they may be None and are then taken as 0.
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the training loss is losses.mean().
     """
-    _check_hyperparameters(beta, loss_type, label_smoothing)
+    check_dpo_hyperparameters(beta, loss_type, label_smoothing)
     if ref_chosen_logps is None or ref_rejected_logps is None:
         if not reference_free:
             raise ValueError(
@@ -131,7 +131,7 @@ def simpo_loss(
     Defaults are TRL's (`CPOConfig(loss_type="simpo")`: beta 0.1, simpo_gamma 0.5); the SimPO paper
     itself uses a larger beta (about 2 to 10) [unverified exact values].
     """
-    _check_hyperparameters(beta, "sigmoid", label_smoothing)
+    check_dpo_hyperparameters(beta, "sigmoid", label_smoothing)
     _check_logps(avg_chosen_logps=avg_chosen_logps, avg_rejected_logps=avg_rejected_logps)
     z = beta * (avg_chosen_logps - avg_rejected_logps) - gamma  # (B,)
     losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
@@ -153,7 +153,7 @@ def orpo_loss(
     chosen_nll: the SFT negative log-likelihood of the chosen responses, (B,) or a scalar (TRL uses the
     token-mean NLL over the batch's chosen responses, a scalar). beta is lambda in the paper (TRL 0.1).
     """
-    _check_hyperparameters(beta, "sigmoid", 0.0)
+    check_dpo_hyperparameters(beta, "sigmoid", 0.0)
     _check_logps(avg_chosen_logps=avg_chosen_logps, avg_rejected_logps=avg_rejected_logps)
     if not isinstance(chosen_nll, torch.Tensor) or chosen_nll.shape not in ((), avg_chosen_logps.shape):
         raise ValueError(f"orpo_loss: chosen_nll must be a scalar tensor or (B,) = {tuple(avg_chosen_logps.shape)}")
@@ -167,7 +167,8 @@ def orpo_loss(
     return losses, beta * avg_chosen_logps.detach(), beta * avg_rejected_logps.detach()
 
 
-def _check_hyperparameters(beta: float, loss_type: str, label_smoothing: float) -> None:
+def check_dpo_hyperparameters(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """beta > 0 and finite, a known loss_type, 0 <= label_smoothing < 0.5 (and only where the loss uses it)."""
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if loss_type not in DPO_LOSS_TYPES:

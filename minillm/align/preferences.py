@@ -29,7 +29,9 @@ the only part that is compared).
 """
 from __future__ import annotations
 
+import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,11 +39,12 @@ from typing import Any, Callable
 import torch
 
 from minillm.datasets import read_jsonl
+from minillm.utils import atomic_write_text
 
 __all__ = [
     "PreferencePair", "EncodedPair", "parse_preference", "read_preferences", "encode_pair",
     "encode_preferences", "collate_pairs", "pair_batches", "split_pairs", "prompt_text", "response_text",
-    "load_plain_run", "disable_dropout", "BatchMetricLog",
+    "disable_dropout", "BatchMetricLog",
 ]
 
 Messages = list[dict[str, str]]
@@ -238,8 +241,6 @@ def pair_batches(pairs: list[EncodedPair], batch_size: int, pad_id: int) -> Call
 
 def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """(train, val): a seeded shuffle, then the first val_fraction (at least 1) as validation; none if < 20 pairs."""
-    import random
-
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     pairs = list(pairs)
@@ -277,25 +278,6 @@ def prepare_pairs(tokenizer, path: str | os.PathLike, block_size: int, val_fract
     return PreparedPairs(train_pairs, train, val, stats)
 
 
-def load_plain_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(GPT, tokenizer, run_config) of a run, with a PEFT run's adapters merged into a plain GPT.
-
-    The reward model and DPO start from the SFT policy; if SFT trained LoRA (or VeRA, KronA), W + BA is
-    folded into W so the next stage starts from exactly the same function with ordinary weights.
-    """
-    from minillm.pretrain import load_run
-
-    model, tok, cfg = load_run(run_dir, device=device)
-    if cfg.get("peft"):
-        from minillm.peft.apply import merge_peft
-
-        try:
-            model = merge_peft(model)
-        except ValueError as e:
-            raise ValueError(f"{run_dir}: a {cfg['peft']['method']} run cannot be merged into a plain GPT ({e})") from e
-    return model, tok, cfg
-
-
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Set p = 0 in every dropout layer (TRL's `disable_dropout=True` for reward and DPO training).
 
@@ -329,10 +311,6 @@ class BatchMetricLog:
     def merge_into(self, metrics_path: str | os.PathLike, grad_accum: int, eval_iters: int,
                    first_step: int = 0) -> None:
         """Rewrite metrics_path (atomically) with the recorded means; first_step > 0 when training resumed."""
-        import json
-
-        from minillm.utils import atomic_write_text
-
         path = Path(metrics_path)
         if not path.exists():
             return

@@ -30,7 +30,6 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-
 _WORD = re.compile(r"\w+(?:['\u2019]\w+)*")  # a word keeps its inner apostrophes: "mira's", "can't"
 
 

@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from minillm.datasets import read_jsonl
 from minillm.eval.loglik import loglikelihood
+from minillm.utils import atomic_write_text
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -393,7 +394,6 @@ def load_mcq(path: str | os.PathLike) -> list[dict]:
 
 def save_mcq(items: Sequence[dict], path: str | os.PathLike) -> None:
     """Write items as our JSONL, atomically."""
-    from minillm.utils import atomic_write_text
 
     for i, item in enumerate(items):
         validate_item(item, f"items[{i}]")

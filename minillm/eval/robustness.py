@@ -117,24 +117,3 @@ def prompt_format_robustness(
     }
     values = list(accs.values())
     return {"acc_per_format": accs, "mean": sum(values) / len(values), "spread": _spread(values)}
-
-
-def robustness_report(
-    model: nn.Module,
-    tokenizer,
-    items: Sequence[dict],
-    fmt: str = "mmlu",
-    formats: Sequence[str] = ("mmlu", "paren", "qa", "hellaswag"),
-    metric: str = "acc",
-    num_fewshot: int = 0,
-    seed: int = 1234,
-    fewshot_items: Sequence[dict] | None = None,
-    batch_size: int = 32,
-) -> dict[str, Any]:
-    """Both checks: {"answer_order": answer_order_robustness(..., fmt), "prompt_format": prompt_format_robustness(...)}."""
-    common = dict(metric=metric, num_fewshot=num_fewshot, seed=seed, fewshot_items=fewshot_items,
-                  batch_size=batch_size)
-    return {
-        "answer_order": answer_order_robustness(model, tokenizer, items, fmt=fmt, **common),
-        "prompt_format": prompt_format_robustness(model, tokenizer, items, formats=formats, **common),
-    }

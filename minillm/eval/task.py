@@ -12,6 +12,7 @@ from typing import Any
 
 from minillm.model import GPT
 from minillm.sampling import generate_completions
+from minillm.world import gold_reward, is_refusal, make_world, normalize_answer
 
 
 def _words(text: str) -> list[str]:
@@ -104,7 +105,6 @@ def evaluate_instructions(model, tokenizer, records: list[dict[str, Any]], mode:
         false_refusals   = mean over fact/math rows of [answer refuses]
         gold_reward      = mean over all rows of gold_reward(question, answer)
     """
-    from minillm.world import gold_reward, is_refusal, make_world, normalize_answer
 
     world = world or make_world(0)
     questions = [_user(r) for r in records]

@@ -42,9 +42,11 @@ import torch.nn as nn
 from minillm.model import GPT
 from minillm.peft.adapters import BottleneckAdapter, ParallelAdapter, SeriesAdapter
 from minillm.peft.krona import KronALinear
+from minillm.peft.loftq import loftq_linear
 from minillm.peft.lora import LoRALinear, check_linear_like
 from minillm.peft.partial import apply_bitfit, apply_last_k
 from minillm.peft.prefix import PrefixTunedGPT, PromptTunedGPT
+from minillm.peft.qlora import Linear4bit, QLoRALinear
 from minillm.peft.tokens import TrainableTokensLayer, apply_trainable_tokens, check_trainable_tokens
 from minillm.peft.vera import VeRALinear, VeRAProjections
 from minillm.utils import atomic_torch_save, safe_torch_load
@@ -328,12 +330,10 @@ def apply_qlora(
 ) -> nn.Module:
     """QLoRA (Dettmers et al., 2023): y = dequant(W_nf4) x + b + s B A x on the targets (default: all linears).
 
-    Every other linear layer but lm_head/wte/wpe is frozen in 4 bits too (`minillm.quant.qlora.Linear4bit`).
+    Every other linear layer but lm_head/wte/wpe is frozen in 4 bits too (`minillm.peft.qlora.Linear4bit`).
     loftq_iters > 0 initialises (W_nf4, A, B) with LoftQ's alternating steps (Li et al., 2023) instead of B = 0.
     A 4-bit base cannot absorb the update, so merge_peft raises: dequantize the base first.
     """
-    from minillm.quant.loftq import loftq_linear
-    from minillm.quant.qlora import Linear4bit, QLoRALinear
 
     if isinstance(loftq_iters, bool) or not isinstance(loftq_iters, int) or loftq_iters < 0:
         raise ValueError(f"qlora: loftq_iters must be an integer >= 0 (0 = plain QLoRA), got {loftq_iters!r}")

@@ -31,7 +31,6 @@ from minillm.quant.nf4 import (  # noqa: E402
 )
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def eager():
     """bitsandbytes wraps its default kernels in torch.compile; eager runs the same maths without compile time."""

@@ -2,7 +2,7 @@
 
 The HF model is the reference: its logits, its built-in shifted loss (the HF perplexity guide's loop)
 and lm-eval's request layout computed on it must give the numbers our functions give on the same
-weights loaded through `GPT.from_hf_gpt2`.
+weights loaded through `from_hf_gpt2`.
 """
 import math
 
@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from minillm.eval.loglik import loglikelihood  # noqa: E402
 from minillm.eval.perplexity import perplexity, rolling_loglikelihood, rolling_windows  # noqa: E402
-from minillm.model import GPT  # noqa: E402
+from minillm.hf_gpt2 import from_hf_gpt2
 
 VOCAB, N_POS = 97, 16
 
@@ -24,7 +24,7 @@ def models():
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=N_POS, n_embd=32, n_layer=2, n_head=4,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
-    ours = GPT.from_hf_gpt2(hf.state_dict(), cfg.to_dict()).eval()
+    ours = from_hf_gpt2(hf.state_dict(), cfg.to_dict()).eval()
     return hf, ours
 
 

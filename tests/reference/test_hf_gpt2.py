@@ -1,4 +1,4 @@
-"""GPT.from_hf_gpt2 reproduces a Hugging Face GPT-2's logits (random small config: no download)."""
+"""from_hf_gpt2 reproduces a Hugging Face GPT-2's logits (random small config: no download)."""
 import json
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from minillm.hf_gpt2 import from_hf_gpt2
 from minillm.model import GPT, GPTConfig  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def _check_logits(ours: GPT, hf) -> None:
 
 def test_state_dict_with_prefix_and_config_dict(hf_model):
     sd = hf_model.state_dict()  # "transformer." prefix, lm_head.weight present
-    ours = GPT.from_hf_gpt2(sd, hf_model.config.to_dict()).eval()
+    ours = from_hf_gpt2(sd, hf_model.config.to_dict()).eval()
     _check_logits(ours, hf_model)
 
 
@@ -36,18 +37,18 @@ def test_state_dict_without_prefix_with_mask_buffers_and_gptconfig(hf_model):
     sd["h.0.attn.bias"] = torch.tril(torch.ones(40, 40)).view(1, 1, 40, 40)  # old checkpoints' mask buffers
     sd["h.0.attn.masked_bias"] = torch.tensor(-1e4)
     cfg = GPTConfig(vocab_size=101, block_size=40, n_layer=3, n_head=4, n_embd=48)
-    _check_logits(GPT.from_hf_gpt2(sd, cfg).eval(), hf_model)
+    _check_logits(from_hf_gpt2(sd, cfg).eval(), hf_model)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_directory(hf_model, tmp_path, fmt):
     hf_model.save_pretrained(tmp_path, safe_serialization=(fmt == "safetensors"))
     assert json.loads((tmp_path / "config.json").read_text())["n_head"] == 4
-    _check_logits(GPT.from_hf_gpt2(tmp_path).eval(), hf_model)
+    _check_logits(from_hf_gpt2(tmp_path).eval(), hf_model)
 
 
 def test_kv_cache_matches_hf_incremental(hf_model):
-    ours = GPT.from_hf_gpt2(hf_model.state_dict(), hf_model.config.to_dict()).eval()
+    ours = from_hf_gpt2(hf_model.state_dict(), hf_model.config.to_dict()).eval()
     x = torch.randint(0, 101, (1, 12))
     with torch.no_grad():
         logits, past = ours(x[:, :8], use_cache=True)

@@ -12,7 +12,8 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from minillm.model import GPT, GPTConfig  # noqa: E402
+from minillm.hf_gpt2 import from_hf_gpt2
+from minillm.model import GPTConfig  # noqa: E402
 from minillm.peft.apply import apply_peft, merge_peft  # noqa: E402
 from minillm.peft.krona import KronALinear  # noqa: E402
 from minillm.peft.vera import VeRALinear  # noqa: E402
@@ -34,7 +35,7 @@ def pair():
         for name, p in hf.named_parameters():
             if name.endswith("bias"):
                 p.normal_(std=0.02)
-    ours = GPT.from_hf_gpt2({k: v.clone() for k, v in hf.state_dict().items()}, CFG).eval()
+    ours = from_hf_gpt2({k: v.clone() for k, v in hf.state_dict().items()}, CFG).eval()
     return hf, ours
 
 

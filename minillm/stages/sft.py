@@ -1,8 +1,9 @@
-"""Fine-tuning stages on top of a pretrained run: SFT, optionally through a PEFT method.
+"""The SFT stage: supervised fine-tuning of a pretrained run on chats, optionally through a PEFT method.
 
-A fine-tuned run directory looks like a pretraining one (config.json, ckpt.pt, tokenizer/), plus
-`adapter.pt` (only the trainable PEFT tensors) when a PEFT method was used. Its config records the
-PEFT method and hyperparameters, so `minillm.pretrain.load_run` rebuilds the same wrapped model.
+The loss is `minillm.align.sft.sft_loss` (cross-entropy on the assistant tokens), the data
+`minillm.align.chat`. A fine-tuned run directory looks like a pretraining one (config.json, ckpt.pt,
+tokenizer/), plus `adapter.pt` (only the trainable PEFT tensors) when a PEFT method was used. Its config
+records the PEFT method and hyperparameters, so `minillm.runs.load_run` rebuilds the same wrapped model.
 """
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from typing import Any
 
 import torch
 
-from minillm.align.sft import all_tokens_mask, encode_chats, load_chats, pack, sample_batches, sft_loss
-from minillm.config import TrainConfig
-from minillm.pretrain import apply_peft_spec, load_run, save_run_files
-from minillm.train import TrainResult, run_config_dict, train
+from minillm.align.chat import all_tokens_mask, encode_chats, load_chats, pack, sample_batches
+from minillm.align.sft import sft_loss
+from minillm.config import SFTConfig, TrainConfig
+from minillm.datasets import tokenize_corpus
+from minillm.peft.apply import save_adapter
+from minillm.peft.tokens import chat_token_ids
+from minillm.runs import Run, apply_peft_spec, load_run, save_run_files
+from minillm.train import run_config_dict, train
 
 
 def pretraining_token_ids(base_cfg: dict[str, Any], tokenizer) -> set[int]:
     """The token ids that occur in the corpus the base run was pretrained on (empty if unknown)."""
-    from minillm.datasets import tokenize_corpus
-
     corpus = base_cfg.get("data", {}).get("train") if isinstance(base_cfg.get("data"), dict) else None
     if not corpus or not Path(corpus).exists():
         return set()
@@ -53,44 +56,35 @@ def run_sft(
     data: str | os.PathLike,
     out: str | os.PathLike,
     train_cfg: TrainConfig,
+    method: SFTConfig | None = None,
     peft: dict[str, Any] | None = None,
-    packing: bool = False,
-    loss_on: str = "response",
-    limit: int | None = None,
-    val_fraction: float = 0.05,
-    embeddings: str = "new",
     resume: bool = False,
     progress: bool = True,
-) -> tuple[torch.nn.Module, TrainResult, dict[str, Any]]:
+) -> Run:
     """Supervised fine-tuning of the run in `init` on the chats in `data`; writes a run to `out`.
 
-    loss_on="response" trains on the assistant tokens only (the chat template's loss mask);
-    loss_on="all" is the masking ablation. `limit` keeps only the first N conversations (data-size
-    experiments). A small validation split (val_fraction) is held out of the training file.
-    embeddings (full fine-tuning only): "new" trains only the embedding rows of tokens the base model
-    never saw in pretraining (see `freeze_learned_embeddings`), "all" trains the whole table.
+    method.loss_on="response" trains on the assistant tokens only (the chat template's loss mask);
+    "all" is the masking ablation. method.limit keeps N random conversations (data-size experiments).
+    A small validation split (method.val_fraction) is held out of the training file.
+    method.embeddings (full fine-tuning only): "new" trains only the embedding rows of tokens the base
+    model never saw in pretraining (see `freeze_learned_embeddings`), "all" trains the whole table.
     """
-    if embeddings not in ("new", "all"):
-        raise ValueError(f"embeddings must be 'new' or 'all', got {embeddings!r}")
-    if loss_on not in ("response", "all"):
-        raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
+    method = method or SFTConfig()
     model, tok, base_cfg = load_run(init)
     block = model.config.block_size
     chats = load_chats(data)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        chats = random.Random(train_cfg.seed).sample(chats, min(limit, len(chats)))
+    if method.limit is not None:
+        chats = random.Random(train_cfg.seed).sample(chats, min(method.limit, len(chats)))
     examples, dropped = encode_chats(tok, chats, block)
     if dropped:
         print(f"[sft] dropped {dropped} of {len(chats)} conversations longer than block_size + 1 = {block + 1} tokens")
-    if loss_on == "all":
+    if method.loss_on == "all":
         examples = all_tokens_mask(examples)
     random.Random(train_cfg.seed).shuffle(examples)
-    n_val = max(1, int(len(examples) * val_fraction)) if len(examples) > 20 else 0
+    n_val = max(1, int(len(examples) * method.val_fraction)) if len(examples) > 20 else 0
     val, train_ex = examples[:n_val], examples[n_val:]
     n_train = len(train_ex)
-    if packing:
+    if method.packing:
         train_ex = pack(train_ex, block)
     train_get = sample_batches(train_ex, train_cfg.batch_size, tok.pad_id)
     val_get = sample_batches(val, train_cfg.batch_size, tok.pad_id) if val else None
@@ -101,20 +95,18 @@ def run_sft(
     if peft and "trainable_token_indices" not in peft and peft["method"] not in ("last_k", "bitfit"):
         # The chat tokens never occurred in pretraining: a method that freezes the embeddings could not
         # learn to end an answer with <|end|> (lesson 7). Their few rows train with the adapter.
-        from minillm.peft.tokens import chat_token_ids
-
         peft = {**peft, "trainable_token_indices": chat_token_ids(tok)}
     model = apply_peft_spec(model, peft)
     n_frozen_rows = 0
-    if not peft and embeddings == "new":
+    if not peft and method.embeddings == "new":
         n_frozen_rows = freeze_learned_embeddings(model, pretraining_token_ids(base_cfg, tok))
     # train_examples counts conversations; with packing, train_rows counts the packed rows they fill
     stats = {"conversations": len(chats), "dropped_too_long": dropped, "train_examples": n_train,
-             "val_examples": len(val), "packing": packing, "loss_on": loss_on, "embeddings": embeddings,
-             "frozen_embedding_rows": n_frozen_rows}
-    if packing:
+             "val_examples": len(val), "packing": method.packing, "loss_on": method.loss_on,
+             "embeddings": method.embeddings, "frozen_embedding_rows": n_frozen_rows}
+    if method.packing:
         stats["train_rows"] = len(train_ex)
-    run_config = run_config_dict(stage="sft", model=base_cfg["model"], train=train_cfg, peft=peft,
+    run_config = run_config_dict(stage="sft", model=base_cfg["model"], train=train_cfg, sft=method, peft=peft,
                                  init=str(init), data=str(data), stats=stats)
     out = Path(out)
     save_run_files(out, tok, run_config)
@@ -122,7 +114,5 @@ def run_sft(
                    desc="sft" if not peft else f"sft[{peft['method']}]", has_val=val_get is not None,
                    progress=progress)
     if peft:
-        from minillm.peft.apply import save_adapter
-
         save_adapter(model, out / "adapter.pt")
-    return model.eval(), result, stats
+    return Run(out, model.eval(), tok, result, stats)

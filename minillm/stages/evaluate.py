@@ -1,4 +1,4 @@
-"""`python -m minillm eval`: the perplexity and multiple-choice accuracy of a trained run, in one JSON report.
+"""The evaluation stage (`python -m minillm eval`): perplexity and multiple-choice accuracy of a run, as JSON.
 
     PPL           = exp( -(1/N) sum_i log p(x_i | x_[begin(i):i]) )    strided sliding window, stride L/2
                                                                        (Hugging Face perplexity guide)
@@ -24,14 +24,20 @@ letter. Lesson 9 shows the measurements.)
 """
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from minillm.eval.mcq import FORMATS
+from minillm.datasets import read_text, split_documents, tokenize_corpus
+from minillm.eval.contamination import contamination_report
+from minillm.eval.loglik import model_max_length
+from minillm.eval.mcq import FORMATS, evaluate_mcq, load_mcq
+from minillm.eval.perplexity import document_perplexity, perplexity
+from minillm.eval.robustness import answer_order_robustness
+from minillm.runs import load_run
+from minillm.world import ANSWER_TEMPLATES, ATTRIBUTES, QUESTION_TEMPLATES
 
 DEFAULT_PPL = "data/world/corpus_val.txt"
 DEFAULT_MCQ = "data/world/mcq_test.jsonl"
@@ -45,7 +51,6 @@ CONTAMINATION_N, CONTAMINATION_THRESHOLD = 4, 0.7
 
 # ----------------------------------------------------------------------------- the cloze format
 def _question_patterns() -> list[tuple[re.Pattern, str]]:
-    from minillm.world import ATTRIBUTES, QUESTION_TEMPLATES
 
     return [
         (re.compile(re.escape(t).replace(re.escape("{name}"), r"(?P<name>[A-Za-z]+)"), re.IGNORECASE), a)
@@ -55,7 +60,6 @@ def _question_patterns() -> list[tuple[re.Pattern, str]]:
 
 def world_question(item: dict) -> tuple[str, str] | None:
     """(character, attribute) asked by a world MCQ item, from its fields or its question; None if it is not one."""
-    from minillm.world import ATTRIBUTES
 
     name, attribute = item.get("character"), item.get("attribute")
     if isinstance(name, str) and name and attribute in ATTRIBUTES:
@@ -73,7 +77,6 @@ def cloze_item(item: dict) -> dict:
 
     cloze(name, attribute) = ANSWER_TEMPLATES[attribute] up to "{value}", stripped, with the name filled in.
     """
-    from minillm.world import ANSWER_TEMPLATES
 
     asked = world_question(item)
     if asked is None:
@@ -112,9 +115,6 @@ def perplexity_report(model, tokenizer, path: str | Path, max_length: int | None
     rolling: each document scored from <|endoftext|> exactly once, giving token/word/byte perplexity
     and bits_per_byte (which compare models with different tokenizers).
     """
-    from minillm.datasets import read_text, split_documents, tokenize_corpus
-    from minillm.eval.loglik import model_max_length
-    from minillm.eval.perplexity import document_perplexity, perplexity
 
     L = model_max_length(model, max_length)
     stride = L // 2 if stride is None else stride
@@ -128,7 +128,6 @@ def mcq_report(model, tokenizer, items: Sequence[dict], fmt: str = "auto", num_f
                fewshot_items: Sequence[dict] | None = None, seed: int = 1234, sampler: str = "random",
                batch_size: int = 32) -> dict[str, Any]:
     """evaluate_mcq's {acc, acc_norm, acc_bytes, n, per_item} in the resolved format, plus that format's name."""
-    from minillm.eval.mcq import evaluate_mcq
 
     fmt = resolve_format(fmt, items)
     scored, mcq_fmt = as_scored(items, fmt)
@@ -146,7 +145,6 @@ def robustness_checks(model, tokenizer, items: Sequence[dict], fmt: str, num_few
     Text-scoring formats (hellaswag, cloze) score each choice alone, so they are order-invariant by
     construction; the letter formats are where the order shows.
     """
-    from minillm.eval.robustness import answer_order_robustness
 
     fmt = resolve_format(fmt, items)
     formats = list(FORMATS) + (["cloze"] if all(world_question(i) is not None for i in items) else [])
@@ -168,8 +166,6 @@ def robustness_checks(model, tokenizer, items: Sequence[dict], fmt: str, num_few
 def contamination_check(items: Sequence[dict], corpus_path: str | Path, per_item_correct: Sequence[bool] | None,
                         n: int = CONTAMINATION_N, threshold: float = CONTAMINATION_THRESHOLD) -> dict[str, Any]:
     """contamination_report of the items against the corpus file's documents (blank-line separated)."""
-    from minillm.datasets import read_text, split_documents
-    from minillm.eval.contamination import contamination_report
 
     docs = split_documents(read_text(corpus_path))
     report = contamination_report(items, docs, per_item_correct=per_item_correct, n=n, threshold=threshold)
@@ -207,8 +203,6 @@ def evaluate_run(
     overlap of the MCQ items with it and the accuracy on the clean and contaminated items.
     Every input file is checked before the model is loaded. Returns the report as a dict.
     """
-    from minillm.eval.mcq import load_mcq
-    from minillm.pretrain import load_run
 
     if ppl is None and mcq is None:
         raise ValueError("nothing to evaluate: give a perplexity text (ppl) or multiple-choice items (mcq)")
@@ -296,88 +290,3 @@ def render_table(report: dict[str, Any]) -> str:
     lines += [f"{k:<{width}}  {_fmt(v)}" for k, v in rows.items()]
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- command line
-def _optional_path(value: str) -> str | None:
-    return None if value.lower() in ("", "none") else value
-
-
-def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
-    """`minillm eval`: perplexity + multiple-choice accuracy of a run, printed and written as JSON."""
-    p = subparsers.add_parser(
-        "eval", help="perplexity and multiple-choice accuracy of a trained run",
-        description="Validation perplexity (sliding window) and bits per byte, multiple-choice accuracy "
-                    "(acc, acc_norm, acc_bytes) by log-likelihood ranking as lm-evaluation-harness does, and "
-                    "optional robustness and contamination checks. Prints a table and writes JSON.")
-    p.add_argument("--ckpt", default="runs/sft", help="run directory (config.json, ckpt.pt, tokenizer/)")
-    p.add_argument("--ppl", type=_optional_path, default=DEFAULT_PPL,
-                   help=f"text file for perplexity, documents separated by blank lines (default {DEFAULT_PPL}; "
-                        "'none' skips)")
-    p.add_argument("--mcq", type=_optional_path, default=DEFAULT_MCQ,
-                   help=f"multiple-choice items: our JSONL, an MMLU CSV or HellaSwag JSONL (default {DEFAULT_MCQ}; "
-                        "'none' skips)")
-    p.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="auto",
-                   help="prompt format: cloze (world question -> start of its answer sentence), hellaswag "
-                        "(question -> choice text), mmlu/paren/qa (letters); auto = cloze for world questions, "
-                        "else hellaswag")
-    p.add_argument("--num-fewshot", type=int, default=0, help="solved examples before each question (default 0)")
-    p.add_argument("--fewshot-data", type=_optional_path, default=DEFAULT_FEWSHOT,
-                   help=f"where few-shot examples come from (default {DEFAULT_FEWSHOT}; 'none': the evaluated items)")
-    p.add_argument("--sampler", choices=("random", "first_n"), default="random",
-                   help="few-shot draw: seeded random sample (lm-eval default) or the first k")
-    p.add_argument("--seed", type=int, default=1234, help="few-shot sampler seed (lm-eval default 1234)")
-    p.add_argument("--robustness", action="store_true",
-                   help="also accuracy under every cyclic order of the choices, and under every prompt format")
-    p.add_argument("--contamination", metavar="CORPUS", default=None,
-                   help="training corpus to check the MCQ items against (n-gram overlap)")
-    p.add_argument("--contamination-n", type=int, default=CONTAMINATION_N,
-                   help=f"n-gram length (default {CONTAMINATION_N}: the world's items are 5-8 words; "
-                        "Llama 3 uses 8 on longer benchmark items)")
-    p.add_argument("--contamination-threshold", type=float, default=CONTAMINATION_THRESHOLD,
-                   help=f"fraction of an item's words inside corpus n-grams that makes it contaminated "
-                        f"(default {CONTAMINATION_THRESHOLD})")
-    p.add_argument("--max-length", type=int, default=None, help="scoring window (default: the model's block_size)")
-    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: max_length // 2)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", help="auto picks cuda > mps > cpu")
-    p.add_argument("--out", default=None, help="JSON report (default: CKPT/eval.json)")
-    p.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    """Run `evaluate_run` with the command's flags, print the table, write the JSON report atomically."""
-    from minillm.utils import write_json
-
-    report = evaluate_run(args.ckpt, ppl=args.ppl, mcq=args.mcq, fewshot_data=args.fewshot_data,
-                          num_fewshot=args.num_fewshot, fmt=args.fmt, sampler=args.sampler, seed=args.seed,
-                          robustness=args.robustness, contamination=args.contamination,
-                          contamination_n=args.contamination_n, contamination_threshold=args.contamination_threshold,
-                          max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
-                          device=args.device)
-    out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
-    write_json(out, report)
-    print(render_table(report))
-    print(f"wrote {out}")
-
-
-# ----------------------------------------------------------------------------- the pipeline stage
-def pipeline_eval(ctx: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Perplexity and MCQ rows for every stage's run in ctx: {stage: run_dir, ..., "data": world dir}.
-
-    "data" (optional, default data/world) names the directory with corpus_val.txt and mcq_test.jsonl;
-    every other key is a stage whose value is a run directory (those without ckpt.pt are skipped).
-    Each run's full report is written to <run_dir>/eval.json. Returns {stage: report_rows(report)}.
-    """
-    from minillm.utils import write_json
-
-    data = Path(ctx.get("data", "data/world"))
-    rows: dict[str, dict[str, Any]] = {}
-    for stage, run_dir in ctx.items():
-        if stage == "data" or run_dir is None or not (Path(run_dir) / "ckpt.pt").is_file():
-            continue
-        report = evaluate_run(run_dir, ppl=data / "corpus_val.txt", mcq=data / "mcq_test.jsonl")
-        write_json(Path(run_dir) / "eval.json", report)
-        rows[stage] = report_rows(report)
-    return rows
-

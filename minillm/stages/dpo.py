@@ -19,15 +19,13 @@ Metrics are TRL's (`dpo_metrics`: rewards/chosen, rewards/rejected, rewards/accu
 logps/chosen, logps/rejected), averaged per logging window into metrics.jsonl.
 
 A DPO run directory is a normal run (config.json, ckpt.pt, tokenizer/, adapter.pt with PEFT), loadable with
-`minillm.pretrain.load_run`, plus eval.json when a held-out preference file was given.
+`minillm.runs.load_run`, plus eval.json when a held-out preference file was given.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import math
 import os
+from dataclasses import asdict
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -35,26 +33,31 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from minillm.align.dpo import DPO_LOSS_TYPES, _check_hyperparameters as check_dpo_hyperparameters
 from minillm.align.dpo import dpo_loss, dpo_metrics
 from minillm.align.logprobs import sequence_logprobs
 from minillm.align.preferences import (
-    BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair,
-    load_plain_run, pair_batches, prepare_pairs, read_preferences,
+    BatchMetricLog,
+    EncodedPair,
+    PreferencePair,
+    collate_pairs,
+    disable_dropout,
+    encode_pair,
+    pair_batches,
+    prepare_pairs,
+    read_preferences,
 )
-from minillm.config import TrainConfig, get_preset, override
-from minillm.train import CKPT_NAME, TrainResult, run_config_dict, train
-from minillm.utils import autocast_dtype, pick_device, safe_torch_load, write_json
+from minillm.config import DPOConfig, TrainConfig
+from minillm.peft.apply import disable_adapters, save_adapter
+from minillm.runs import Run, apply_peft_spec, checkpoint_step, load_plain_run, save_run_files
+from minillm.sampling import generate_completions
+from minillm.train import run_config_dict, train
+from minillm.utils import autocast_dtype, pick_device, write_json
+from minillm.world import gold_reward
 
 __all__ = [
-    "dpo_train_config", "concatenated_logps", "reference_logps", "precompute_reference_logps",
-    "response_lengths", "dpo_loss_fn", "check_rpo_alpha", "evaluate_dpo", "reward_and_kl", "run_dpo",
-    "add_dpo_command", "cmd_dpo", "pipeline_dpo",
+    "concatenated_logps", "reference_logps", "precompute_reference_logps", "response_lengths", "dpo_loss_fn",
+    "evaluate_dpo", "reward_and_kl", "run_dpo",
 ]
-
-def dpo_train_config(preset: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The preset's DPO TrainConfig (`config.Preset.dpo`) with field overrides."""
-    return override(get_preset(preset).dpo, overrides or {})
 
 
 # ------------------------------------------------------------------------------------ log-probs
@@ -75,8 +78,6 @@ def reference_logps(model: nn.Module, reference: nn.Module | None, batch: dict[s
     """(log pi_ref(y_w|x), log pi_ref(y_l|x)) without gradient; reference=None means `model` with adapters off."""
     if reference is not None:
         return concatenated_logps(reference, batch, average)
-    from minillm.peft.apply import disable_adapters
-
     with disable_adapters(model):
         return concatenated_logps(model, batch, average)
 
@@ -213,9 +214,6 @@ def reward_and_kl(policy: nn.Module, reference: nn.Module | None, tokenizer, pro
     y includes the closing <|end|> when the policy emitted it within max_new_tokens. Returns
     {"kl", "reward", "response_tokens", "n"}; the pair (kl, reward) is one point of the DPO paper's frontier.
     """
-    from minillm.sampling import generate_completions
-    from minillm.world import gold_reward
-
     reward_fn = reward_fn or gold_reward
     device = next(policy.parameters()).device
     xs = [x for x in prompts for _ in range(n_samples)]
@@ -250,8 +248,6 @@ def reward_and_kl(policy: nn.Module, reference: nn.Module | None, tokenizer, pro
         batch = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
         pi = sequence_logprobs(policy, batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
         if reference is None:
-            from minillm.peft.apply import disable_adapters
-
             with disable_adapters(policy):
                 ref = sequence_logprobs(policy, batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
         else:
@@ -278,37 +274,29 @@ def run_dpo(
     data: str | os.PathLike,
     out: str | os.PathLike,
     train_cfg: TrainConfig,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    average_logps: bool | None = None,
-    rpo_alpha: float | None = None,
-    precompute_ref: bool = True,
+    method: DPOConfig | None = None,
     peft: dict[str, Any] | None = None,
-    val_fraction: float = 0.05,
     test: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
-) -> tuple[nn.Module, TrainResult, dict[str, Any]]:
+) -> Run:
     """DPO from the run in `init` (the SFT policy, also the reference) on the pairs in `data`; writes a run to `out`.
 
-    average_logps=None picks TRL's convention: per-token average log-probs for IPO, sums otherwise.
-    rpo_alpha adds the chosen answers' per-token NLL to the loss (see `dpo_loss_fn`).
-    With `test`, evaluates the implicit-reward accuracy there (eval.json). Returns (policy, result, stats).
+    method.average_logps=None picks TRL's convention: per-token average log-probs for IPO, sums otherwise.
+    method.rpo_alpha adds the chosen answers' per-token NLL to the loss (see `dpo_loss_fn`). With
+    method.precompute_ref, pi_ref is just part of the batch source: its log-probs are looked up per pair.
+    With `test`, evaluates the implicit-reward accuracy there (eval.json).
     """
-    check_dpo_hyperparameters(beta, loss_type, label_smoothing)
-    check_rpo_alpha(rpo_alpha)
-    average = (loss_type == "ipo") if average_logps is None else bool(average_logps)
+    method = method or DPOConfig()
+    average = (method.loss_type == "ipo") if method.average_logps is None else bool(method.average_logps)
     if test is not None and not Path(test).exists():
         raise FileNotFoundError(f"{test}: file not found")
     model, tok, base_cfg = load_plain_run(init)
     block = model.config.block_size
     if peft and peft["method"] in ("prefix", "prompt"):
         block -= int(peft.get("num_virtual_tokens", 0))  # the virtual tokens take positions of the context
-    prepared = prepare_pairs(tok, data, block, val_fraction, train_cfg.seed, "dpo")
+    prepared = prepare_pairs(tok, data, block, method.val_fraction, train_cfg.seed, "dpo")
     train_enc, val_enc = prepared.train, prepared.val
-
-    from minillm.pretrain import apply_peft_spec, save_run_files
 
     model = disable_dropout(apply_peft_spec(disable_dropout(model), peft))
     reference = _reference_for(model, peft)
@@ -316,7 +304,7 @@ def run_dpo(
     model.to(device)
     train_get = pair_batches(train_enc, train_cfg.batch_size, tok.pad_id)
     val_get = pair_batches(val_enc, train_cfg.batch_size, tok.pad_id) if val_enc else None
-    if precompute_ref:
+    if method.precompute_ref:
         if reference is not None:
             reference.to(device)
         amp = autocast_dtype(device) if train_cfg.dtype == "auto" else None
@@ -330,156 +318,30 @@ def run_dpo(
     def get_batch(split: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
         return train_get(split, gen) if split == "train" else val_get(split, gen)
 
-    hyper = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing, "average_logps": average,
-             "rpo_alpha": rpo_alpha, "precompute_ref": precompute_ref}
     stats = dict(prepared.stats)
-    run_config = run_config_dict(stage="dpo", model=base_cfg["model"], train=train_cfg, peft=peft, dpo=hyper,
-                                 init=str(init), data=str(data), stats=stats)
+    run_config = run_config_dict(stage="dpo", model=base_cfg["model"], train=train_cfg, peft=peft,
+                                 dpo={**asdict(method), "average_logps": average}, init=str(init), data=str(data),
+                                 stats=stats)
     out = Path(out)
     save_run_files(out, tok, run_config)
-    first_step = int(safe_torch_load(out / CKPT_NAME)["step"]) if resume and (out / CKPT_NAME).exists() else 0
+    first_step = checkpoint_step(out) if resume else 0
     log = BatchMetricLog()
-    if not precompute_ref and reference is not None:
+    if not method.precompute_ref and reference is not None:
         reference.to(device)
-    loss_fn = dpo_loss_fn(reference, beta, loss_type, label_smoothing, average, rpo_alpha, log)
+    loss_fn = dpo_loss_fn(reference, method.beta, method.loss_type, method.label_smoothing, average, method.rpo_alpha,
+                          log)
     result = train(model, train_cfg, get_batch, loss_fn, out, resume=resume, run_config=run_config,
                    desc="dpo" if not peft else f"dpo[{peft['method']}]", has_val=val_get is not None,
                    progress=progress)
     log.merge_into(out / "metrics.jsonl", train_cfg.grad_accum, train_cfg.eval_iters, first_step)
     if peft:
-        from minillm.peft.apply import save_adapter
-
         save_adapter(model, out / "adapter.pt")
     if test is not None:
         if reference is not None:
             reference.to(device)
         test_pairs, _ = read_preferences(test)
-        ev = evaluate_dpo(model, reference, tok, test_pairs, beta, average, block_size=block)
+        ev = evaluate_dpo(model, reference, tok, test_pairs, method.beta, average, block_size=block)
         write_json(out / "eval.json", {"data": str(test), **ev})
         stats.update(test_accuracy=ev["rewards/accuracies"], test_margin=ev["rewards/margins"],
                      test_per_kind_accuracy=ev["per_kind_accuracy"])
-    return model.eval(), result, stats
-
-
-def check_rpo_alpha(rpo_alpha: float | None) -> None:
-    """rpo_alpha is None (off) or a finite number >= 0."""
-    if rpo_alpha is not None and (isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float))
-                                  or not math.isfinite(rpo_alpha) or rpo_alpha < 0):
-        raise ValueError(f"rpo_alpha must be None or a finite number >= 0, got {rpo_alpha!r}")
-
-
-# ------------------------------------------------------------------------------------ command line
-def _beta(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"beta must be a number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"beta must be a finite number > 0, got {text!r}")
-    return value
-
-
-def _label_smoothing(text: str) -> float:
-    """argparse type: a number in [0, 0.5)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"label_smoothing must be a number in [0, 0.5), got {text!r}") from None
-    if not 0.0 <= value < 0.5:
-        raise argparse.ArgumentTypeError(f"label_smoothing must be in [0, 0.5), got {text!r}")
-    return value
-
-
-def add_dpo_command(subparsers: argparse._SubParsersAction) -> None:
-    """`python -m minillm dpo`: Direct Preference Optimization of an SFT run."""
-    from minillm.cli import DEFAULT_DATA, add_dataclass_flags, add_peft_flags
-    from minillm.config import PRESETS
-
-    p = subparsers.add_parser(
-        "dpo", help="Direct Preference Optimization (and IPO, cDPO, robust, hinge) of an SFT run",
-        description="Train the policy on prompt/chosen/rejected pairs with -log sigma(beta h), "
-                    "h = log pi/pi_ref(y_w) - log pi/pi_ref(y_l); the reference is the --init model "
-                    "(a frozen copy, or the same model with adapters disabled under --peft).")
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named configuration (default: cpu)")
-    add_dataclass_flags(p, TrainConfig)
-    add_peft_flags(p)
-    p.add_argument("--init", default="runs/sft", help="run directory of the SFT policy (also the reference)")
-    p.add_argument("--data", default=f"{DEFAULT_DATA}/prefs_train.jsonl",
-                   help="preference JSONL: prompt, chosen, rejected")
-    p.add_argument("--test", default=f"{DEFAULT_DATA}/prefs_test.jsonl",
-                   help="held-out preference JSONL for the implicit-reward accuracy ('' to skip)")
-    p.add_argument("--out", default="runs/dpo")
-    p.add_argument("--beta", type=_beta, default=0.1, help="KL strength beta (tau for IPO); default 0.1 (TRL)")
-    p.add_argument("--loss-type", choices=DPO_LOSS_TYPES, default="sigmoid",
-                   help="per-pair loss (default sigmoid = DPO)")
-    p.add_argument("--label-smoothing", type=_label_smoothing, default=0.0,
-                   help="assumed label-flip rate eps in [0, 0.5), for sigmoid (cDPO) and robust")
-    p.add_argument("--average-logps", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-token average log-probs instead of sums (default: average for ipo only, as TRL)")
-    p.add_argument("--rpo-alpha", type=float, default=None,
-                   help="add alpha * per-token NLL of the chosen answer (RPO, Pang et al. 2024; TRL rpo_alpha)")
-    p.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction, default=True,
-                   help="compute the reference log-probs once before training (default on)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="held out of --data for the validation loss")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    p.set_defaults(func=cmd_dpo)
-
-
-def cmd_dpo(args: argparse.Namespace) -> None:
-    from dataclasses import asdict
-
-    from minillm.cli import collect_overrides, peft_spec
-
-    check_dpo_hyperparameters(args.beta, args.loss_type, args.label_smoothing)  # before any loading
-    check_rpo_alpha(args.rpo_alpha)
-    cfg = dpo_train_config(args.preset, collect_overrides(args, TrainConfig))
-    _, result, stats = run_dpo(args.init, args.data, args.out, cfg, beta=args.beta, loss_type=args.loss_type,
-                               label_smoothing=args.label_smoothing, average_logps=args.average_logps,
-                               rpo_alpha=args.rpo_alpha,
-                               precompute_ref=args.precompute_ref, peft=peft_spec(args),
-                               val_fraction=args.val_fraction, test=args.test or None, resume=args.resume)
-    print(json.dumps({**asdict(result), **stats}, indent=2))
-
-
-# ------------------------------------------------------------------------------------ pipeline
-# The main job's DPO: plain DPO unlearns the refusals (the refusal sentence is also a rejected "needless refusal"
-# in more pairs than it is chosen); the RPO term and a small step limit that (lesson 6, section 9).
-PIPELINE_DPO = {"beta": 0.1, "loss_type": "sigmoid", "rpo_alpha": 1.0}
-
-
-def pipeline_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
-    """The DPO stage of the main job; returns report rows (metric -> value).
-
-    ctx: "preset", "data" (world data dir), "out" (pipeline dir), "sft" (SFT run dir); optional "progress".
-    Trains with PIPELINE_DPO (DPO plus the RPO term) and writes the run to ctx["out"]/dpo. Rows: greedy gold
-    reward and exact match on sft_test for SFT and DPO, the implicit-reward accuracy on prefs_test, the gold
-    reward of sampled answers (T=1) of both, and KL(pi || pi_ref) of DPO.
-    """
-    from minillm.eval.task import evaluate_instructions
-    from minillm.pretrain import load_run
-
-    data, out = Path(ctx["data"]), Path(ctx["out"])
-    cfg = dpo_train_config(ctx["preset"])
-    records = [json.loads(line) for line in (data / "sft_test.jsonl").read_text().splitlines() if line.strip()]
-    sft, tok, _ = load_plain_run(ctx["sft"], device=cfg.device)
-    sft_eval = evaluate_instructions(sft, tok, records)
-    policy, result, stats = run_dpo(ctx["sft"], data / "prefs_train.jsonl", out / "dpo", cfg, **PIPELINE_DPO,
-                                    test=data / "prefs_test.jsonl", progress=ctx.get("progress", True))
-    policy, _, _ = load_run(out / "dpo", device=cfg.device)
-    dpo_eval = evaluate_instructions(policy, tok, records)
-    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
-    sampled_sft = reward_and_kl(sft, sft, tok, prompts, n_samples=2)
-    sampled = reward_and_kl(policy, sft, tok, prompts, n_samples=2)
-    return {
-        "SFT: gold reward (greedy, sft_test)": sft_eval["gold_reward"],
-        "SFT: exact match (greedy, sft_test)": sft_eval["exact_match"],
-        "SFT: gold reward of samples (T=1)": sampled_sft["reward"],
-        "DPO: gold reward (greedy, sft_test)": dpo_eval["gold_reward"],
-        "DPO: exact match (greedy, sft_test)": dpo_eval["exact_match"],
-        "DPO: implicit-reward accuracy (prefs_test)": stats["test_accuracy"],
-        "DPO: gold reward of samples (T=1)": sampled["reward"],
-        "DPO: KL(pi || pi_ref) per response (T=1)": sampled["kl"],
-        "DPO: train seconds": result.seconds,
-        "DPO: settings": ", ".join(f"{k} {v}" for k, v in PIPELINE_DPO.items()),
-    }
+    return Run(out, model.eval(), tok, result, stats)

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from minillm.peft.lora import LoRALinear, lora_scaling
+from minillm.peft.qlora import Linear4bit
 from minillm.quant.nf4 import QuantState4bit, dequantize_4bit, quantize_4bit
-from minillm.quant.qlora import Linear4bit
 
 __all__ = ["low_rank_factors", "loftq_init", "loftq_linear"]
 

@@ -25,14 +25,12 @@ This module measures both halves of the claim on our own models:
 A 4-bit base cannot absorb the float update B A: `merge_peft` refuses it. `dequantize_model` turns every
 Linear4bit back into an nn.Linear holding deq(W_nf4), after which the adapters merge (W' = deq(W) + s B A).
 
-    python -m minillm.quant.experiment --init runs/pipeline/base --out runs/qlora_compare
+    python -m minillm.stages.qlora_compare --init runs/pipeline/base --out runs/qlora_compare
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,14 +39,20 @@ import torch
 import torch.nn as nn
 
 from minillm.config import TrainConfig
+from minillm.eval.task import evaluate_instructions
 from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table, training_memory
 from minillm.peft.apply import QLORA_SKIP, QLORA_TARGETS, count_parameters, replace_module
+from minillm.peft.qlora import quantized_layers
+from minillm.peft.tokens import chat_token_ids
+from minillm.quant.nf4 import quantization_error
+from minillm.runs import load_run
+
 # Adapters take a larger step than full fine-tuning: the same multiple of the preset's SFT learning rate
 # as `minillm peft-compare` (measured there by a sweep, lesson 7).
-from minillm.peft import compare
-from minillm.peft.compare import PEFT_LR_MULTIPLIER
-from minillm.quant.nf4 import quantization_error
-from minillm.quant.qlora import quantized_layers
+from minillm.stages import compare
+from minillm.stages.compare import PEFT_LR_MULTIPLIER
+from minillm.stages.sft import run_sft
+from minillm.utils import atomic_write_text, write_json
 
 __all__ = [
     "METHOD_SPECS", "PEFT_LR_MULTIPLIER", "QUANT_COLUMNS", "method_spec", "parse_methods", "dequantize_model",
@@ -201,10 +205,9 @@ def run_method(method: str, spec: dict[str, Any] | None, init: str | os.PathLike
                records: list[dict[str, Any]], tokenizer: Any, out: Path, cfg: TrainConfig,
                progress: bool = True) -> dict[str, Any]:
     """Fine-tune `init` with one method, then measure it; returns its table row."""
-    from minillm.eval.task import evaluate_instructions
-    from minillm.finetune import run_sft
 
-    model, result, _ = run_sft(init, data, out / method, cfg, peft=spec, progress=progress)
+    run = run_sft(init, data, out / method, cfg, peft=spec, progress=progress)
+    model, result = run.model, run.result
     memory = training_memory(model, _run_optimizer(model, cfg, out / method / "ckpt.pt"))
     scores = evaluate_instructions(model, tokenizer, records)
     trainable, total = count_parameters(model)
@@ -240,8 +243,6 @@ def compare_qlora(
     chat_tokens: the adapter methods also train the chat template tokens' embedding rows, which
     pretraining never saw (as `minillm peft-compare` does); full fine-tuning trains them anyway.
     """
-    from minillm.pretrain import load_run
-    from minillm.utils import atomic_write_text, write_json
 
     methods = parse_methods(methods)
     out = Path(out)
@@ -249,7 +250,6 @@ def compare_qlora(
     base, tok, base_cfg = load_run(init)
     token_ids = None
     if chat_tokens:
-        from minillm.peft.tokens import chat_token_ids
 
         token_ids = chat_token_ids(tok)
     errors = quantization_error_table(base, gaussian_numel=gaussian_numel)
@@ -337,94 +337,3 @@ def render_report(summary: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- command line and pipeline
-def add_qlora_compare_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `qlora-compare` (shared by `python -m minillm.quant.experiment`)."""
-    from minillm.cli import add_dataclass_flags
-    from minillm.config import PRESETS
-
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="whose sft TrainConfig (default: cpu)")
-    add_dataclass_flags(p, TrainConfig)
-    p.add_argument("--init", default="runs/pipeline/base", help="base run directory (default: runs/pipeline/base)")
-    p.add_argument("--data", default="data/world/sft_train.jsonl", help="SFT training chats")
-    p.add_argument("--test-data", default="data/world/sft_test.jsonl", help="held-out questions for exact match")
-    p.add_argument("--out", default="runs/qlora_compare", help="output directory (table.md, results.json, runs)")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {','.join(METHOD_SPECS)} (default: {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--peft-lr", type=float, default=None,
-                   help=f"learning rate of LoRA/QLoRA (default: {PEFT_LR_MULTIPLIER:g} x the full-FT lr)")
-    p.add_argument("--lora-r", type=int, default=LORA_R, help=f"LoRA rank r (default: {LORA_R})")
-    p.add_argument("--lora-alpha", type=float, default=LORA_ALPHA, help=f"lora_alpha (default: {LORA_ALPHA})")
-    p.add_argument("--no-chat-tokens", action="store_true",
-                   help="do not train the chat tokens' embedding rows in the adapter runs")
-    p.add_argument("--gaussian-numel", type=int, default=2**20,
-                   help="Gaussian values in the quantisation error table (default: 2^20)")
-    p.set_defaults(func=cmd_qlora_compare)
-
-
-def add_qlora_compare_command(subparsers: argparse._SubParsersAction) -> None:
-    """`python -m minillm qlora-compare`: QLoRA vs LoRA vs full fine-tuning, and the NF4/FP4/int4 errors."""
-    p = subparsers.add_parser(
-        "qlora-compare", help="QLoRA vs LoRA vs full fine-tuning (exact match, time, bytes); NF4/FP4/int4 error",
-        description="Fine-tunes --init on the SFT data with full fine-tuning, LoRA and QLoRA (same steps; "
-                    "LoRA/QLoRA on every linear layer with the same r, alpha and --peft-lr), measures held-out "
-                    "exact match, training time and bytes, tabulates the quantisation error of NF4, FP4 and "
-                    "int4 on Gaussian and on the base run's weights, and writes table.md and results.json "
-                    "to --out.")
-    add_qlora_compare_arguments(p)
-
-
-def cmd_qlora_compare(args: argparse.Namespace) -> None:
-    from minillm.cli import stage_train_config
-
-    if not Path(args.init).is_dir():
-        raise FileNotFoundError(f"--init {args.init}: base run not found (run `python -m minillm pipeline` or "
-                                "`python -m minillm pretrain --out DIR` first)")
-    if args.peft_lr is not None and not args.peft_lr > 0:
-        raise ValueError(f"--peft-lr must be > 0, got {args.peft_lr}")
-    summary = compare_qlora(args.init, args.data, args.test_data, args.out, stage_train_config(args, "sft"),
-                            parse_methods(args.methods), args.peft_lr, args.lora_r, args.lora_alpha,
-                            not args.no_chat_tokens, args.gaussian_numel)
-    print(render_method_table(summary["rows"]))
-    print(render_error_table(summary["errors"]))
-    print(f"[qlora-compare] wrote {Path(args.out) / 'table.md'}")
-
-
-def pipeline_qlora(ctx: dict[str, Any]) -> dict[str, Any]:
-    """The QLoRA comparison as a stage of the main job; returns report rows (metric -> value).
-
-    ctx: "preset" (name), "data" (world data dir), "out" (pipeline dir), "base" (pretrained run dir);
-    optional "progress" (bool). Writes out/qlora_compare (table.md, results.json, one run per method).
-    """
-    from minillm.config import get_preset
-
-    data = Path(ctx["data"])
-    summary = compare_qlora(ctx["base"], data / "sft_train.jsonl", data / "sft_test.jsonl",
-                            Path(ctx["out"]) / "qlora_compare", get_preset(ctx["preset"]).sft,
-                            progress=ctx.get("progress", True))
-    rows: dict[str, Any] = {}
-    for r in summary["rows"]:
-        rows[f"{r['method']}: held-out exact match"] = r["exact_match"]
-        rows[f"{r['method']}: validation loss"] = r["val_loss"]
-        rows[f"{r['method']}: train seconds"] = r["train_seconds"]
-        rows[f"{r['method']}: params+buffers+grads+AdamW (MB)"] = r["memory"]["total"] / 2**20
-    nf4 = next(e for e in summary["errors"] if e["name"].startswith("trained model: every"))
-    rows["NF4 / int4 quantisation error (trained weights)"] = nf4["nf4"] / nf4["int4"]
-    return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m minillm.quant.experiment [--init RUN] [--out DIR] ...: the same as `minillm qlora-compare`."""
-    parser = argparse.ArgumentParser(prog="python -m minillm.quant.experiment",
-                                     description=__doc__.splitlines()[0])
-    add_qlora_compare_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"qlora-compare: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

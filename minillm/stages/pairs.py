@@ -13,7 +13,6 @@ the policy actually puts its probability mass, which is where DPO's gradient act
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -21,12 +20,19 @@ from typing import Any, Callable
 
 import torch
 
-from minillm.align.preferences import Messages, load_plain_run, prompt_text
+from minillm.align.chat import record_to_messages
+from minillm.align.preferences import Messages, prompt_text
+from minillm.config import PairsConfig
 from minillm.datasets import read_jsonl
+from minillm.runs import load_plain_run, load_reward_model
+from minillm.sampling import generate_completions
+from minillm.stages.reward import score_sequences
+from minillm.utils import atomic_write_text
+from minillm.world import gold_reward, make_world
 
 __all__ = [
     "read_prompts", "sample_responses", "gold_scorer", "reward_model_scorer", "best_worst_pairs", "write_pairs",
-    "make_pairs", "add_pairs_command", "cmd_pairs",
+    "run_pairs",
 ]
 
 Scorer = Callable[[list[Messages], list[str]], list[float]]
@@ -39,8 +45,6 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[Messages, dict[str, Any]
     or Alpaca "instruction"/"input"/"output", e.g. an SFT file), whose prompt is everything before its final
     assistant turn(s). Extra fields (e.g. "kind") are kept and copied into the written pairs.
     """
-    from minillm.align.sft import record_to_messages
-
     path = Path(path)
     out = []
     for line, record in read_jsonl(path):
@@ -74,8 +78,6 @@ def sample_responses(policy: torch.nn.Module, tokenizer, prompts: list[Messages]
                      top_k: int | None = None, top_p: float | None = None, max_new_tokens: int = 48, seed: int = 0,
                      batch_size: int = 64) -> list[list[str]]:
     """N sampled responses (text, stripped) per prompt, generated in the chat template until <|end|>."""
-    from minillm.sampling import generate_completions
-
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     device = next(policy.parameters()).device
@@ -89,8 +91,6 @@ def sample_responses(policy: torch.nn.Module, tokenizer, prompts: list[Messages]
 
 def gold_scorer(world=None) -> Scorer:
     """Scores with the world's hand-written gold reward r(x, y) (`minillm.world.gold_reward`)."""
-    from minillm.world import gold_reward, make_world
-
     world = world if world is not None else make_world(0)
 
     def score(prompts: list[Messages], responses: list[str]) -> list[float]:
@@ -101,8 +101,6 @@ def gold_scorer(world=None) -> Scorer:
 
 def reward_model_scorer(run_dir: str | os.PathLike, device: str = "auto") -> Scorer:
     """Scores with a trained reward model, normalised by its stored offset; NaN for a pair that does not fit."""
-    from minillm.align.rm_train import load_reward_model, score_sequences
-
     rm, tok, cfg = load_reward_model(run_dir, device=device)
     offset = float(cfg.get("reward_offset", 0.0))
     block = rm.backbone.config.block_size
@@ -151,33 +149,29 @@ def best_worst_pairs(prompts: list[Messages], responses: list[list[str]], scores
 
 def write_pairs(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write rows as JSONL atomically (a temporary file, then a rename)."""
-    from minillm.utils import atomic_write_text
-
     path = Path(path)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
 
-def make_pairs(policy_dir: str | os.PathLike, prompts_path: str | os.PathLike, out: str | os.PathLike, n: int = 4,
-               scorer: str = "gold", temperature: float = 1.0, max_new_tokens: int = 48, limit: int | None = None,
-               seed: int = 0, device: str = "auto") -> dict[str, Any]:
-    """Sample n responses per prompt from the policy run, score them ("gold" or a reward-model run directory),
-    write the best/worst pairs to `out`; returns the counts and the mean chosen/rejected scores."""
-    if not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2 (a pair needs two samples), got {n!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    records = read_prompts(prompts_path)[:limit]
+def run_pairs(init: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+              method: PairsConfig | None = None, scorer: str = "gold", device: str = "auto") -> dict[str, Any]:
+    """Sample method.n responses per prompt of `data` from the policy run `init`, score them ("gold" or a
+    reward-model run directory), write the best/worst pairs to `out`; returns the counts and the mean
+    chosen/rejected scores."""
+    method = method or PairsConfig()
+    records = read_prompts(data)[:method.limit]
     if scorer == "gold":
         score = gold_scorer()
     elif Path(scorer).is_dir():
         score = reward_model_scorer(scorer, device=device)
     else:
         raise ValueError(f"scorer must be 'gold' or a reward-model run directory, got {scorer!r} (no such directory)")
-    policy, tok, _ = load_plain_run(policy_dir, device=device)
+    policy, tok, _ = load_plain_run(init, device=device)
     prompts = [p for p, _ in records]
-    responses = sample_responses(policy, tok, prompts, n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                 seed=seed)
+    n = method.n
+    responses = sample_responses(policy, tok, prompts, n, temperature=method.temperature,
+                                 max_new_tokens=method.max_new_tokens, seed=method.seed)
     flat_p = [p for p, ys in zip(prompts, responses) for _ in ys]
     flat_y = [y for ys in responses for y in ys]
     flat_s = score(flat_p, flat_y)
@@ -190,33 +184,3 @@ def make_pairs(policy_dir: str | os.PathLike, prompts_path: str | os.PathLike, o
     stats.update(chosen_score=sum(r["chosen_score"] for r in rows) / len(rows),
                  rejected_score=sum(r["rejected_score"] for r in rows) / len(rows), out=str(out))
     return stats
-
-
-def add_pairs_command(subparsers: argparse._SubParsersAction) -> None:
-    """`python -m minillm pairs`: on-policy preference pairs from a policy's own samples."""
-    from minillm.cli import DEFAULT_DATA
-
-    p = subparsers.add_parser(
-        "pairs", help="sample N responses per prompt, score them, write best/worst as preference pairs",
-        description="On-policy pairs (Llama 2/3 style): y_1..y_N ~ pi(.|x), chosen = argmax score, rejected = "
-                    "argmin score, ties skipped; written as prompt/chosen/rejected JSONL for `reward` and `dpo`.")
-    p.add_argument("--policy", default="runs/sft", help="run directory of the policy that samples")
-    p.add_argument("--prompts", default=f"{DEFAULT_DATA}/sft_train.jsonl",
-                   help="JSONL with a 'prompt' field, or chats (messages / Alpaca): "
-                        "the prompt is everything before the last answer")
-    p.add_argument("--n", type=int, default=4, help="samples per prompt (>= 2)")
-    p.add_argument("--scorer", default="gold", help="'gold' (the world's gold reward) or a reward-model run directory")
-    p.add_argument("--out", default="runs/pairs.jsonl")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_pairs)
-
-
-def cmd_pairs(args: argparse.Namespace) -> None:
-    stats = make_pairs(args.policy, args.prompts, args.out, n=args.n, scorer=args.scorer,
-                       temperature=args.temperature, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                       seed=args.seed, device=args.device)
-    print(json.dumps(stats, indent=2))

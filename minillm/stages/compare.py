@@ -1,6 +1,6 @@
 """Compare fine-tuning methods on one base model: what each trains, stores, costs and reaches.
 
-Every method fine-tunes the same base run on the same SFT data with `minillm.finetune.run_sft`; the table
+Every method fine-tunes the same base run on the same SFT data with `minillm.stages.sft.run_sft`; the table
 then reports, per method (full fine-tuning first):
 
     trainable share   = |phi| / (|theta_0| + |phi|)          (PEFT's print_trainable_parameters convention;
@@ -29,7 +29,6 @@ preset) without training: the model is built on PyTorch's `meta` device, which h
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import math
@@ -44,9 +43,17 @@ import torch
 import torch.nn as nn
 
 from minillm.config import TrainConfig, get_preset
+from minillm.datasets import read_jsonl
+from minillm.eval.task import evaluate_instructions
 from minillm.memory import training_memory
 from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import ADAPTER_LAYERS, MERGEABLE_LAYERS, WRAPPERS, apply_peft, count_parameters, merge_peft
+from minillm.peft.tokens import chat_token_ids
+from minillm.plots import save_figure
+from minillm.runs import load_run
+from minillm.stages.sft import run_sft
+from minillm.train import configure_optimizer
+from minillm.utils import atomic_write_text, pick_device, safe_torch_load, write_json
 
 # One spec per method, at the defaults the lesson discusses; None is full fine-tuning.
 METHOD_SPECS: dict[str, dict[str, Any] | None] = {
@@ -203,7 +210,6 @@ def slowdowns(
 # ---------------------------------------------------------------------- one comparison run
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """sft_test-style rows ({messages: [user, assistant], kind, ...}); a bad row raises `path:line: why`."""
-    from minillm.datasets import read_jsonl
 
     records = []
     for lineno, record in read_jsonl(path):
@@ -234,8 +240,6 @@ def _state_dict_bytes(model: nn.Module) -> int:
 
 def _optimizer_of_run(model: nn.Module, cfg: TrainConfig, ckpt: Path) -> torch.optim.Optimizer:
     """The run's AdamW with the state it ended with (moments read back from ckpt.pt)."""
-    from minillm.train import configure_optimizer
-    from minillm.utils import safe_torch_load
 
     optimizer = configure_optimizer(model, cfg)
     optimizer.load_state_dict(safe_torch_load(ckpt)["optimizer"])
@@ -259,11 +263,10 @@ def compare_one(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune `init` with one method (PEFT `spec`, None = full) and measure it; returns the table row."""
-    from minillm.eval.task import evaluate_instructions
-    from minillm.finetune import run_sft
 
     run_dir = out / method
-    model, result, _ = run_sft(init, data, run_dir, train_cfg, peft=copy.deepcopy(spec), progress=progress)
+    run = run_sft(init, data, run_dir, train_cfg, peft=copy.deepcopy(spec), progress=progress)
+    model, result = run.model, run.result
     memory = training_memory(model, _optimizer_of_run(model, train_cfg, run_dir / "ckpt.pt"))
     adapter = run_dir / "adapter.pt"
     stored = adapter.stat().st_size if spec is not None else _state_dict_bytes(model)
@@ -305,9 +308,6 @@ def compare_methods(
 
     chat_tokens: PEFT methods also train the chat template tokens' embedding rows (see the module doc).
     """
-    from minillm.peft.tokens import chat_token_ids
-    from minillm.pretrain import load_run
-    from minillm.utils import atomic_write_text, pick_device, write_json
 
     methods = parse_methods(list(methods))
     out = Path(out)
@@ -407,8 +407,6 @@ def plot_comparison(rows: list[dict[str, Any]], png_path: str | os.PathLike) -> 
     """Bar charts per method: trainable share (log scale), validation loss, held-out exact match, slowdown."""
     from matplotlib.figure import Figure
 
-    from minillm.plots import save_figure
-
     names = [r["method"] for r in rows]
     fig = Figure(figsize=(16, 3.8))
     axes = fig.subplots(1, 4)
@@ -429,52 +427,3 @@ def plot_comparison(rows: list[dict[str, Any]], png_path: str | os.PathLike) -> 
 
 
 # ---------------------------------------------------------------------- command line
-def add_peft_compare_command(subparsers: argparse._SubParsersAction) -> None:
-    """`python -m minillm peft-compare`: fine-tune one base run with every method and tabulate the costs."""
-    from minillm.cli import add_dataclass_flags
-    from minillm.config import PRESETS
-
-    p = subparsers.add_parser(
-        "peft-compare", help="fine-tune one base model with full FT and every PEFT method; table + chart",
-        description="Fine-tunes --init on the SFT data with full fine-tuning and each PEFT method (the preset's "
-                    "sft settings; PEFT methods get --peft-lr), then writes table.md, comparison.png and "
-                    "results.json to --out: trainable parameters, adapter size, training time and bytes, "
-                    "held-out exact match, and forward slowdown unmerged/merged.",
-    )
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="whose sft TrainConfig (default: cpu)")
-    add_dataclass_flags(p, TrainConfig)
-    p.add_argument("--init", default="runs/pipeline/base", help="base run directory (default: runs/pipeline/base)")
-    p.add_argument("--data", default="data/world/sft_train.jsonl", help="SFT training chats")
-    p.add_argument("--test-data", default="data/world/sft_test.jsonl", help="held-out questions for exact match")
-    p.add_argument("--out", default="runs/peft_compare")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {','.join(DEFAULT_METHODS)} (default: all)")
-    p.add_argument("--peft-lr", type=float, default=None,
-                   help=f"learning rate of the PEFT methods (default: {PEFT_LR_MULTIPLIER:g} x the full-FT lr)")
-    p.add_argument("--analytic-preset", default="gpu", choices=sorted(PRESETS),
-                   help="preset whose parameter counts are tabulated analytically (default: gpu)")
-    p.add_argument("--timing-repeats", type=int, default=5, help="at least N timed forward passes (default: 5)")
-    p.add_argument("--timing-seconds", type=float, default=3.0,
-                   help="time budget per method for the forward timing (default: 3)")
-    p.add_argument("--no-chat-tokens", action="store_true",
-                   help="do not train the chat template tokens' embeddings in PEFT runs (the ablation)")
-    p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each PEFT run's ckpt.pt (by default only adapter.pt, since ckpt.pt repeats the base)")
-    p.set_defaults(func=cmd_peft_compare)
-
-
-def cmd_peft_compare(args: argparse.Namespace) -> None:
-    from minillm.cli import stage_train_config
-
-    if not Path(args.init).is_dir():
-        raise FileNotFoundError(f"--init {args.init}: base run not found (run `python -m minillm pipeline` or "
-                                "`python -m minillm pretrain --out DIR` first)")
-    if args.peft_lr is not None and not args.peft_lr > 0:
-        raise ValueError(f"--peft-lr must be > 0, got {args.peft_lr}")
-    summary = compare_methods(args.init, args.data, args.test_data, args.out, stage_train_config(args, "sft"),
-                              methods=parse_methods(args.methods), peft_lr=args.peft_lr,
-                              analytic_preset=args.analytic_preset, timing_repeats=args.timing_repeats,
-                              timing_seconds=args.timing_seconds,
-                              keep_checkpoints=args.keep_checkpoints, chat_tokens=not args.no_chat_tokens)
-    print(render_table(summary["rows"]))
-    print(f"[peft-compare] wrote {Path(args.out) / 'table.md'}")

@@ -16,12 +16,10 @@ sampled from the SFT policy (InstructGPT normalised its RM the same way on demon
 b is stored as `reward_offset` in the run's config.json, for PPO to use.
 
 A reward run directory holds config.json, ckpt.pt (the RewardModel's weights), tokenizer/, metrics.jsonl,
-and, after the held-out evaluation, eval.json and calibration.png. `load_reward_model` reads it back.
+and, after the held-out evaluation, eval.json and calibration.png. `minillm.runs.load_reward_model` reads it back.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -30,23 +28,29 @@ from typing import Any
 import torch
 
 from minillm.align.preferences import (
-    BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair,
-    load_plain_run, pair_batches, prepare_pairs, prompt_text, read_preferences,
+    BatchMetricLog,
+    EncodedPair,
+    PreferencePair,
+    collate_pairs,
+    disable_dropout,
+    encode_pair,
+    pair_batches,
+    prepare_pairs,
+    prompt_text,
+    read_preferences,
 )
 from minillm.align.reward import RewardModel, bradley_terry_loss_sum, reward_metrics
-from minillm.config import TrainConfig, get_preset, override
-from minillm.train import CKPT_NAME, TrainResult, run_config_dict, train
-from minillm.utils import pick_device, safe_torch_load, write_json
+from minillm.config import RewardConfig, TrainConfig
+from minillm.plots import Figure, save_figure
+from minillm.runs import Run, checkpoint_step, load_plain_run, save_run_files
+from minillm.sampling import generate_completions
+from minillm.train import run_config_dict, train
+from minillm.utils import write_json
 
 __all__ = [
-    "reward_train_config", "reward_loss_fn", "score_sequences", "score_texts",
-    "pair_rewards", "evaluate_reward_model", "calibration", "plot_calibration", "reward_offset",
-    "run_reward", "load_reward_model", "add_reward_command", "cmd_reward", "pipeline_reward",
+    "reward_loss_fn", "score_sequences", "score_texts", "pair_rewards", "evaluate_reward_model", "calibration",
+    "plot_calibration", "reward_offset", "run_reward",
 ]
-
-def reward_train_config(preset: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The preset's reward-model TrainConfig (`config.Preset.reward`) with field overrides."""
-    return override(get_preset(preset).reward, overrides or {})
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -200,8 +204,6 @@ def calibration(r_chosen: torch.Tensor, r_rejected: torch.Tensor, n_bins: int = 
 
 def plot_calibration(cal: dict[str, Any], png_path: str | os.PathLike, title: str = "reward model calibration") -> Path:
     """Reliability diagram of `calibration(...)`: empirical vs predicted P(chosen > rejected), bin sizes below."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(4.5, 5))
     ax, ax_n = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     edges = cal["bin_edges"]
@@ -218,12 +220,7 @@ def plot_calibration(cal: dict[str, Any], png_path: str | os.PathLike, title: st
     ax_n.set_xlabel("predicted P(a > b) = sigma(r_a - r_b)")
     ax_n.set_ylabel("count")
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(png_path)
-    return png_path
+    return save_figure(fig, png_path)
 
 
 # ------------------------------------------------------------------------------------ normalisation
@@ -236,8 +233,6 @@ def reward_offset(rm: RewardModel, policy: torch.nn.Module, tokenizer, prompts: 
     it hit max_new_tokens), so the head reads the same kind of token as in training. Samples that do not
     fit the context are left out. Returns {"reward_offset": b, "reward_std", "n_samples"}.
     """
-    from minillm.sampling import generate_completions
-
     block = rm.backbone.config.block_size
     device = next(policy.parameters()).device
     prompt_ids = [tokenizer.apply_chat_template(_prompt_messages(p), add_generation_prompt=True)[0] for p in prompts]
@@ -258,27 +253,22 @@ def run_reward(
     data: str | os.PathLike,
     out: str | os.PathLike,
     train_cfg: TrainConfig,
-    center_coef: float | None = None,
-    val_fraction: float = 0.05,
+    method: RewardConfig | None = None,
     test: str | os.PathLike | None = None,
-    norm_prompts: int = 256,
     resume: bool = False,
     progress: bool = True,
-) -> tuple[RewardModel, TrainResult, dict[str, Any]]:
+) -> Run:
     """Train a reward model from the run in `init` on the pairs in `data`; writes a reward run to `out`.
 
-    Then normalises it (`reward_offset` on SFT samples for up to `norm_prompts` training prompts) and, if
-    `test` is given, evaluates it there (eval.json, calibration.png). Returns (rm, result, stats).
+    Then normalises it (`reward_offset` on SFT samples for up to `method.norm_prompts` training prompts) and,
+    if `test` is given, evaluates it there (eval.json, calibration.png). Run.model is the RewardModel.
     """
-    if center_coef is not None and (not isinstance(center_coef, (int, float)) or center_coef < 0):
-        raise ValueError(f"center_coef must be None or a number >= 0, got {center_coef!r}")
-    if norm_prompts < 1:
-        raise ValueError(f"norm_prompts must be >= 1, got {norm_prompts}")
+    method = method or RewardConfig()
     if test is not None and not Path(test).exists():
         raise FileNotFoundError(f"{test}: file not found")
     backbone, tok, base_cfg = load_plain_run(init)
     block = backbone.config.block_size
-    prepared = prepare_pairs(tok, data, block, val_fraction, train_cfg.seed, "reward")
+    prepared = prepare_pairs(tok, data, block, method.val_fraction, train_cfg.seed, "reward")
     train_pairs, train_enc, val_enc = prepared.train_pairs, prepared.train, prepared.val
     train_get = pair_batches(train_enc, train_cfg.batch_size, tok.pad_id)
     val_get = pair_batches(val_enc, train_cfg.batch_size, tok.pad_id) if val_enc else None
@@ -290,20 +280,18 @@ def run_reward(
     rm = RewardModel(disable_dropout(backbone))
     stats = dict(prepared.stats)
     run_config = run_config_dict(stage="reward", model=base_cfg["model"], train=train_cfg, init=str(init),
-                                 data=str(data), center_coef=center_coef, stats=stats)
+                                 data=str(data), reward=method, stats=stats)
     out = Path(out)
-    from minillm.pretrain import save_run_files
-
     save_run_files(out, tok, run_config)
-    first_step = _checkpoint_step(out) if resume else 0
+    first_step = checkpoint_step(out) if resume else 0
     log = BatchMetricLog()
-    result = train(rm, train_cfg, get_batch, reward_loss_fn(center_coef, log), out, resume=resume,
+    result = train(rm, train_cfg, get_batch, reward_loss_fn(method.center_coef, log), out, resume=resume,
                    run_config=run_config, desc="reward", has_val=val_get is not None, progress=progress)
     log.merge_into(out / "metrics.jsonl", train_cfg.grad_accum, train_cfg.eval_iters, first_step)
 
     t0 = time.perf_counter()
     policy, _, _ = load_plain_run(init, device=next(rm.parameters()).device)
-    prompts = list(dict.fromkeys(prompt_text(p) for p in train_pairs))[:norm_prompts]
+    prompts = list(dict.fromkeys(prompt_text(p) for p in train_pairs))[:method.norm_prompts]
     norm = reward_offset(rm, policy, tok, prompts, seed=train_cfg.seed)
     del policy
     run_config.update(norm)
@@ -318,99 +306,4 @@ def run_reward(
                      test_ece=ev["calibration"]["ece"])
         run_config["test"] = {"data": str(test), "accuracy": ev["accuracy"], "ece": ev["calibration"]["ece"]}
     write_json(out / "config.json", run_config)
-    return rm.eval(), result, stats
-
-
-def _checkpoint_step(out: Path) -> int:
-    path = out / CKPT_NAME
-    return int(safe_torch_load(path)["step"]) if path.exists() else 0
-
-
-def load_reward_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
-                      ) -> tuple[RewardModel, Any, dict[str, Any]]:
-    """(reward model, tokenizer, run_config) of a reward run; run_config["reward_offset"] normalises it."""
-    from minillm.model import GPT, GPTConfig
-    from minillm.tokenizer import Tokenizer
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run directory not found")
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path}: file not found")
-    run_config = json.loads(cfg_path.read_text())
-    if run_config.get("stage") != "reward":
-        raise ValueError(f"{cfg_path}: not a reward-model run (stage {run_config.get('stage')!r})")
-    state = safe_torch_load(run_dir / CKPT_NAME)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{run_dir / CKPT_NAME}: not a minillm checkpoint (no 'model')")
-    rm = RewardModel(GPT(GPTConfig.from_dict(run_config["model"])))
-    try:
-        rm.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{run_dir / CKPT_NAME}: weights do not fit the saved config ({e})") from e
-    tok = Tokenizer.load(run_dir / "tokenizer")
-    device = pick_device(device) if isinstance(device, str) else device
-    return rm.to(device).eval(), tok, run_config
-
-
-# ------------------------------------------------------------------------------------ command line
-def add_reward_command(subparsers: argparse._SubParsersAction) -> None:
-    """`python -m minillm reward`: train, normalise and evaluate a reward model."""
-    from minillm.cli import DEFAULT_DATA, add_dataclass_flags
-    from minillm.config import PRESETS
-
-    p = subparsers.add_parser(
-        "reward", help="train a Bradley-Terry reward model on preference pairs",
-        description="Train r(x, y) = score(h_last) on prompt/chosen/rejected pairs (loss -log sigma(r_w - r_l)), "
-                    "starting from an SFT run; then shift it to mean 0 on SFT samples and evaluate it on --test.")
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named configuration (default: cpu)")
-    add_dataclass_flags(p, TrainConfig)
-    p.add_argument("--init", default="runs/sft", help="run directory to start from (the SFT policy)")
-    p.add_argument("--data", default=f"{DEFAULT_DATA}/prefs_train.jsonl",
-                   help="preference JSONL: prompt, chosen, rejected")
-    p.add_argument("--test", default=f"{DEFAULT_DATA}/prefs_test.jsonl",
-                   help="held-out preference JSONL for accuracy and calibration ('' to skip)")
-    p.add_argument("--out", default="runs/rm")
-    p.add_argument("--center-coef", type=float, default=None,
-                   help="reward centering c: loss += c * mean((r_w + r_l)^2) "
-                        "(Eisenstein et al. 2023; TRL suggests 0.01)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="held out of --data for the validation loss")
-    p.add_argument("--norm-prompts", type=int, default=256, help="training prompts sampled for the reward offset")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    p.set_defaults(func=cmd_reward)
-
-
-def cmd_reward(args: argparse.Namespace) -> None:
-    from dataclasses import asdict
-
-    from minillm.cli import collect_overrides
-
-    cfg = reward_train_config(args.preset, collect_overrides(args, TrainConfig))
-    _, result, stats = run_reward(args.init, args.data, args.out, cfg, center_coef=args.center_coef,
-                                  val_fraction=args.val_fraction, test=args.test or None,
-                                  norm_prompts=args.norm_prompts, resume=args.resume)
-    print(json.dumps({**asdict(result), **stats}, indent=2))
-
-
-# ------------------------------------------------------------------------------------ pipeline
-def pipeline_reward(ctx: dict[str, Any]) -> dict[str, Any]:
-    """The reward-model stage of the main job; returns report rows (metric -> value).
-
-    ctx: "preset" (name), "data" (world data dir), "out" (pipeline dir), "sft" (SFT run dir); optional
-    "progress" (bool). Writes the run to ctx["out"]/rm.
-    """
-    data, out = Path(ctx["data"]), Path(ctx["out"])
-    cfg = reward_train_config(ctx["preset"])
-    rm, result, stats = run_reward(ctx["sft"], data / "prefs_train.jsonl", out / "rm", cfg,
-                                   test=data / "prefs_test.jsonl", progress=ctx.get("progress", True))
-    rows = {
-        "reward model: held-out pairwise accuracy vs gold": stats["test_accuracy"],
-        "reward model: calibration error (ECE)": stats["test_ece"],
-        "reward model: final train loss": result.train_loss,
-        "reward model: reward offset (mean on SFT samples)": stats["reward_offset"],
-        "reward model: train seconds": result.seconds,
-    }
-    for kind, acc in stats["test_per_kind_accuracy"].items():
-        rows[f"reward model: accuracy, rejected = {kind}"] = acc
-    return rows
+    return Run(out, rm.eval(), tok, result, stats)

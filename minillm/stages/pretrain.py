@@ -1,0 +1,63 @@
+"""The pretraining stage: next-token prediction on the world corpus, from a fresh GPT.
+
+    L(theta) = -(1/N) sum_t log p_theta(x_{t+1} | x_{<=t})        over the N tokens of the batch
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minillm.config import TrainConfig
+from minillm.datasets import random_windows, tokenize_corpus
+from minillm.model import GPT, GPTConfig
+from minillm.runs import save_run_files
+from minillm.tokenizer import Tokenizer
+from minillm.train import TrainResult, run_config_dict, train
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def lm_loss(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over every position of the batch, and the token count."""
+    logits = model(batch["input_ids"])  # (B, T, V)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="sum")
+    return loss_sum, batch["targets"].numel()
+
+
+def pretrain(
+    tokenizer: Tokenizer,
+    train_path: str | os.PathLike,
+    val_path: str | os.PathLike,
+    model_cfg: GPTConfig,
+    train_cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[GPT, TrainResult]:
+    """Train a fresh GPT (vocab from the tokenizer) on train_path; writes a loadable run to out_dir."""
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"model vocab_size {model_cfg.vocab_size} != tokenizer vocab_size {tokenizer.vocab_size}"
+        )
+    train_ids = tokenize_corpus(train_path, tokenizer)
+    val_ids = tokenize_corpus(val_path, tokenizer)
+    data = {"train": train_ids, "val": val_ids}
+
+    def get_batch(split: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return random_windows(data[split], train_cfg.batch_size, model_cfg.block_size, gen)
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(train_cfg.seed)
+    model = GPT(model_cfg)
+    run_config = run_config_dict(stage="pretrain", model=model_cfg, train=train_cfg,
+                                 data={"train": str(train_path), "val": str(val_path)},
+                                 train_tokens=int(train_ids.numel()))
+    save_run_files(out_dir, tokenizer, run_config)
+    result = train(model, train_cfg, get_batch, lm_loss, out_dir, resume=resume, run_config=run_config,
+                   desc="pretrain", progress=progress)
+    return model, result
+
+
