@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from minillm.config import PRESETS, DPOConfig, PairsConfig, RewardConfig, SFTConfig, TrainConfig, get_preset, override
+from minillm.config import (
+    PRESETS, DPOConfig, EvalConfig, PairsConfig, RewardConfig, SFTConfig, TrainConfig, get_preset, override,
+)
 from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
 from minillm.model import GPTConfig
 from minillm.peft.apply import PEFT_METHODS
@@ -27,18 +29,9 @@ from minillm.runs import load_run
 from minillm.sampling import generate_completions
 from minillm.stages import compare, qlora_compare
 from minillm.stages.dpo import run_dpo
-from minillm.stages.evaluate import (
-    CONTAMINATION_N,
-    CONTAMINATION_THRESHOLD,
-    DEFAULT_FEWSHOT,
-    DEFAULT_MCQ,
-    DEFAULT_PPL,
-    FORMAT_CHOICES,
-    evaluate_run,
-    render_table,
-)
+from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
 from minillm.stages.pairs import run_pairs
-from minillm.stages.pretrain import pretrain
+from minillm.stages.pretrain import run_pretrain
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer
@@ -61,9 +54,9 @@ def _optional(kind: type):
 
 
 def _preset_values(cls: type, name: str, stage: str | None) -> str:
-    """'default 0.1' when every preset agrees, else 'presets: cpu 5e-06, gpu 1e-06, tiny 0.0001'."""
+    """'default 0.1' when every preset agrees (or no preset holds `cls`), else 'presets: cpu 5e-06, gpu 1e-06, ...'."""
     if stage is None:
-        return ""
+        return f"default {next(f.default for f in dataclasses.fields(cls) if f.name == name)}"
     values = {}
     for preset_name, preset in sorted(PRESETS.items()):
         obj = preset.model if cls is GPTConfig else getattr(preset, stage) if cls is TrainConfig \
@@ -78,7 +71,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, stage: str |
                         skip: tuple[str, ...] = ()) -> None:
     """One `--field-name` flag per field of dataclass `cls`, typed like the field; unset flags keep the preset's
     value (the help shows it for `stage`'s config in each preset). `X | None` fields take 'none'."""
-    group = parser.add_argument_group(f"{cls.__name__} (default: the preset's value)")
+    group = parser.add_argument_group(f"{cls.__name__} (default: the preset's value)" if stage else cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -91,8 +84,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, stage: str |
                                help=help_)
             continue
         kind = {"int": int, "float": float, "str": str}[type_name]
+        choices = f.metadata.get("choices")
         group.add_argument(flag, dest=dest, type=_optional(kind) if "None" in str(f.type) else kind,
-                           default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help_)
+                           default=argparse.SUPPRESS, choices=choices,
+                           metavar="{" + ",".join(choices) + "}" if choices else kind.__name__.upper(), help=help_)
 
 
 def collect_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -158,10 +153,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     tok = Tokenizer.load(args.tokenizer)
     model_cfg, train_cfg = resolve_configs(args, tok.vocab_size)
-    data = Path(args.data)
-    _, result = pretrain(tok, data / "corpus_train.txt", data / "corpus_val.txt", model_cfg, train_cfg, args.out,
-                         resume=args.resume)
-    print(json.dumps(dataclasses.asdict(result), indent=2))
+    _print_run(run_pretrain(args.tokenizer, args.data, args.out, train_cfg, model_cfg, resume=args.resume))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -388,29 +380,11 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mcq", type=_optional_path, default=DEFAULT_MCQ,
                    help=f"multiple-choice items: our JSONL, an MMLU CSV or HellaSwag JSONL (default {DEFAULT_MCQ}; "
                         "'none' skips)")
-    p.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="auto",
-                   help="prompt format: cloze (world question -> start of its answer sentence), hellaswag "
-                        "(question -> choice text), mmlu/paren/qa (letters); auto = cloze for world questions, "
-                        "else hellaswag")
-    p.add_argument("--num-fewshot", type=int, default=0, help="solved examples before each question (default 0)")
     p.add_argument("--fewshot-data", type=_optional_path, default=DEFAULT_FEWSHOT,
                    help=f"where few-shot examples come from (default {DEFAULT_FEWSHOT}; 'none': the evaluated items)")
-    p.add_argument("--sampler", choices=("random", "first_n"), default="random",
-                   help="few-shot draw: seeded random sample (lm-eval default) or the first k")
-    p.add_argument("--seed", type=int, default=1234, help="few-shot sampler seed (lm-eval default 1234)")
-    p.add_argument("--robustness", action="store_true",
-                   help="also accuracy under every cyclic order of the choices, and under every prompt format")
     p.add_argument("--contamination", metavar="CORPUS", default=None,
                    help="training corpus to check the MCQ items against (n-gram overlap)")
-    p.add_argument("--contamination-n", type=int, default=CONTAMINATION_N,
-                   help=f"n-gram length (default {CONTAMINATION_N}: the world's items are 5-8 words; "
-                        "Llama 3 uses 8 on longer benchmark items)")
-    p.add_argument("--contamination-threshold", type=float, default=CONTAMINATION_THRESHOLD,
-                   help=f"fraction of an item's words inside corpus n-grams that makes it contaminated "
-                        f"(default {CONTAMINATION_THRESHOLD})")
-    p.add_argument("--max-length", type=int, default=None, help="scoring window (default: the model's block_size)")
-    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: max_length // 2)")
-    p.add_argument("--batch-size", type=int, default=32)
+    add_dataclass_flags(p, EvalConfig)
     p.add_argument("--device", default="auto", help="auto picks cuda > mps > cpu")
     p.add_argument("--out", default=None, help="JSON report (default: CKPT/eval.json)")
     p.set_defaults(func=cmd_eval)
@@ -419,11 +393,8 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     """Run `evaluate_run` with the command's flags, print the table, write the JSON report atomically."""
     report = evaluate_run(args.ckpt, ppl=args.ppl, mcq=args.mcq, fewshot_data=args.fewshot_data,
-                          num_fewshot=args.num_fewshot, fmt=args.fmt, sampler=args.sampler, seed=args.seed,
-                          robustness=args.robustness, contamination=args.contamination,
-                          contamination_n=args.contamination_n, contamination_threshold=args.contamination_threshold,
-                          max_length=args.max_length, stride=args.stride, batch_size=args.batch_size,
-                          device=args.device)
+                          contamination=args.contamination,
+                          method=override(EvalConfig(), collect_overrides(args, EvalConfig)), device=args.device)
     out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
     write_json(out, report)
     print(render_table(report))

@@ -2,8 +2,9 @@
 
 A preset fills `GPTConfig` (the network), one `TrainConfig` (the optimisation) per stage, and one method
 dataclass per stage (`SFTConfig`, `RewardConfig`, `DPOConfig`, `PairsConfig`): the knobs of an algorithm are
-spelled once, as fields here. The command line turns every field into a flag (`--n-layer 6 --lr 1e-3
---beta 0.2`) whose default is the preset's value, and every run writes the resolved configs next to its outputs.
+spelled once, as fields here (and `EvalConfig` for the `eval` command, which no preset changes). The command
+line turns every field into a flag (`--n-layer 6 --lr 1e-3 --beta 0.2`) whose default is the preset's value,
+and every run writes the resolved configs next to its outputs.
 The vocabulary size is not a preset field: it always comes from the tokenizer.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from minillm.align.dpo import check_dpo_hyperparameters
+from minillm.align.dpo import DPO_LOSS_TYPES, check_dpo_hyperparameters
+from minillm.eval.mcq import FORMATS
 from minillm.model import GPTConfig
 
 
@@ -55,9 +57,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dtype must be 'auto' or 'float32', got {self.dtype!r}")
 
 
-def knob(default: Any, help: str) -> Any:
-    """A method field with its --help text, so the flag is documented where the knob is defined."""
-    return field(default=default, metadata={"help": help})
+def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A method field with its --help text (and the values a str field may take), so the flag is documented
+    where the knob is defined."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 def _check_fraction(owner: str, name: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
@@ -70,10 +73,12 @@ class SFTConfig:
     """Supervised fine-tuning knobs (`minillm.stages.sft.run_sft`)."""
 
     packing: bool = knob(False, "several short chats in one row of block_size tokens")
-    loss_on: str = knob("response", "response: assistant tokens only; all: every token (the masking ablation)")
+    loss_on: str = knob("response", "response: assistant tokens only; all: every token (the masking ablation)",
+                         ("response", "all"))
     limit: int | None = knob(None, "use only N conversations (data-size experiments)")
     val_fraction: float = knob(0.05, "held out of the training file for the validation loss")
-    embeddings: str = knob("new", "full FT: new trains only the rows pretraining never saw; all: the whole table")
+    embeddings: str = knob("new", "full FT: new trains only the rows pretraining never saw; all: the whole table",
+                            ("new", "all"))
 
     def __post_init__(self) -> None:
         if self.loss_on not in ("response", "all"):
@@ -108,7 +113,7 @@ class DPOConfig:
     """Direct Preference Optimization knobs (`minillm.stages.dpo.run_dpo`; TRL's names and defaults)."""
 
     beta: float = knob(0.1, "KL strength (tau for IPO)")
-    loss_type: str = knob("sigmoid", "sigmoid (DPO), ipo, hinge, robust")
+    loss_type: str = knob("sigmoid", "the per-pair loss (sigmoid = DPO)", DPO_LOSS_TYPES)
     label_smoothing: float = knob(0.0, "assumed label-flip rate eps in [0, 0.5) (cDPO, robust)")
     average_logps: bool | None = knob(None, "per-token average log-probs; None: average for ipo only, as TRL")
     rpo_alpha: float | None = knob(None, "adds alpha * per-token NLL of the chosen answer (RPO, Pang et al. 2024)")
@@ -141,6 +146,37 @@ class PairsConfig:
         if not self.temperature >= 0 or self.max_new_tokens < 1:
             raise ValueError(f"PairsConfig: need temperature >= 0 and max_new_tokens >= 1, "
                              f"got {self.temperature}, {self.max_new_tokens}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation knobs (`minillm.stages.evaluate.evaluate_run`; lm-evaluation-harness's defaults)."""
+
+    format: str = knob("auto", "prompt format: cloze (world question -> start of its answer sentence), hellaswag "
+                               "(question -> choice text), mmlu/paren/qa (letters); auto: cloze for world questions",
+                       ("auto", "cloze", *FORMATS))
+    num_fewshot: int = knob(0, "solved examples before each question")
+    sampler: str = knob("random", "few-shot draw: random (seeded, as lm-eval) or first_n", ("random", "first_n"))
+    seed: int = knob(1234, "few-shot sampler seed (lm-eval's)")
+    robustness: bool = knob(False, "also accuracy under every cyclic order of the choices and every prompt format")
+    # The world's items are 5-8 words: Llama 3's n = 8 would leave most of them without a single n-gram.
+    contamination_n: int = knob(4, "n-gram length of the contamination check")
+    contamination_threshold: float = knob(0.7, "share of an item's words inside corpus n-grams that marks it")
+    max_length: int | None = knob(None, "scoring window (None: the model's block_size)")
+    stride: int | None = knob(None, "sliding-window stride (None: max_length // 2)")
+    batch_size: int = knob(32, "sequences per forward pass")
+
+    def __post_init__(self) -> None:
+        choices = ("auto", "cloze", *FORMATS)
+        if self.format not in choices:
+            raise ValueError(f"EvalConfig.format must be one of {list(choices)}, got {self.format!r}")
+        if isinstance(self.num_fewshot, bool) or not isinstance(self.num_fewshot, int) or self.num_fewshot < 0:
+            raise ValueError(f"EvalConfig.num_fewshot must be a non-negative integer, got {self.num_fewshot!r}")
+        if self.sampler not in ("random", "first_n"):
+            raise ValueError(f"EvalConfig.sampler must be 'random' or 'first_n', got {self.sampler!r}")
+        if self.contamination_n < 1 or self.batch_size < 1:
+            raise ValueError("EvalConfig: contamination_n and batch_size must be >= 1")
+        _check_fraction("EvalConfig", "contamination_threshold", self.contamination_threshold, 0.0, 1.0 + 1e-12)
 
 
 @dataclass

@@ -30,14 +30,7 @@ from tqdm.auto import tqdm
 
 from minillm.config import TrainConfig
 from minillm.plots import plot_loss_curve
-from minillm.utils import (
-    atomic_torch_save,
-    autocast_dtype,
-    pick_device,
-    rng_state,
-    safe_torch_load,
-    set_rng_state,
-)
+from minillm.utils import atomic_torch_save, autocast_dtype, pick_device, rng_state, safe_torch_load, set_rng_state
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int | torch.Tensor]]

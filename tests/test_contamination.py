@@ -1,13 +1,7 @@
 """n-gram contamination of eval items by a training corpus, on hand-made strings."""
 import pytest
 
-from minillm.eval.contamination import (
-    contamination_report,
-    item_text,
-    ngrams,
-    overlap,
-    words,
-)
+from minillm.eval.contamination import contamination_report, item_text, ngrams, overlap, words
 
 
 def test_words_and_ngrams():

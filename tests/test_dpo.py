@@ -6,13 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minillm.align.dpo import (
-    DPO_LOSS_TYPES,
-    dpo_loss,
-    dpo_metrics,
-    orpo_loss,
-    simpo_loss,
-)
+from minillm.align.dpo import DPO_LOSS_TYPES, dpo_loss, dpo_metrics, orpo_loss, simpo_loss
 from minillm.align.logprobs import sequence_logprobs, token_logprobs
 
 

@@ -9,24 +9,14 @@ import pytest
 import torch
 
 from minillm.align.logprobs import sequence_logprobs
-from minillm.align.preferences import (
-    collate_pairs,
-    encode_pair,
-    parse_preference,
-    read_preferences,
-)
+from minillm.align.preferences import collate_pairs, encode_pair, parse_preference, read_preferences
 from minillm.cli import main
 from minillm.config import DPOConfig, TrainConfig
 from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import apply_peft, disable_adapters
 from minillm.runs import load_run, save_run_files
 from minillm.stages.dpo import (
-    concatenated_logps,
-    dpo_loss_fn,
-    evaluate_dpo,
-    precompute_reference_logps,
-    reference_logps,
-    reward_and_kl,
+    concatenated_logps, dpo_loss_fn, evaluate_dpo, precompute_reference_logps, reference_logps, reward_and_kl,
     run_dpo,
 )
 from minillm.tokenizer import Tokenizer

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minillm.config import EvalConfig
 from minillm.cli import build_parser
 from minillm.datasets import tokenize_corpus
 from minillm.eval.mcq import evaluate_mcq
@@ -14,13 +15,7 @@ from minillm.eval.perplexity import perplexity
 from minillm.model import GPT, GPTConfig
 from minillm.pipeline import pipeline_eval
 from minillm.runs import load_run, save_run_files
-from minillm.stages.evaluate import (
-    cloze_item,
-    evaluate_run,
-    render_table,
-    resolve_format,
-    world_question,
-)
+from minillm.stages.evaluate import cloze_item, evaluate_run, render_table, resolve_format, world_question
 from minillm.tokenizer import Tokenizer
 from minillm.train import CKPT_NAME
 from minillm.utils import atomic_torch_save
@@ -143,7 +138,7 @@ def test_uniform_model_has_perplexity_vocabulary_size(files):
 
 
 def test_fewshot_examples_come_from_the_dev_file_in_the_same_format(files):
-    report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], fewshot_data=files["dev"], num_fewshot=2)
+    report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], fewshot_data=files["dev"], method=EvalConfig(num_fewshot=2))
     shots = {"Mira lives in Oakvale", "Tobin works as a tailor", "Elsa's pet is a ferret", "Bram is 20"}
     for row, item in zip(report["mcq"]["per_item"], WORLD_ITEMS):
         *examples, question = row["context"].split("\n\n")
@@ -154,7 +149,7 @@ def test_fewshot_examples_come_from_the_dev_file_in_the_same_format(files):
 def test_robustness_and_contamination(files, tmp_path):
     leaked = tmp_path / "leaked.txt"  # item 0 leaked with other punctuation; item 1 only as a fact statement
     leaked.write_text("Q: where does Eamon live, Lindenfall.\n\nEamon works as a weaver.\n")
-    report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], robustness=True, contamination=leaked)
+    report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], contamination=leaked, method=EvalConfig(robustness=True))
     c = report["contamination"]
     assert [r["contaminated"] for r in c["per_item"]] == [True] + [False] * 5
     assert c["n"] == 4 and c["threshold"] == 0.7
@@ -198,11 +193,11 @@ def test_other_bad_input(files, tmp_path):
         _cli(["--ckpt", str(tmp_path / "nope"), "--ppl", str(files["val"]), "--mcq", "none"])
     with pytest.raises(FileNotFoundError, match="fewshot_data: .*absent.jsonl"):
         evaluate_run(files["run"], ppl=None, mcq=files["mcq"], fewshot_data=tmp_path / "absent.jsonl",
-                     num_fewshot=1)
+                     method=EvalConfig(num_fewshot=1))
     with pytest.raises(ValueError, match="nothing to evaluate"):
         _cli(["--ckpt", str(files["run"]), "--ppl", "none", "--mcq", "none"])
     with pytest.raises(ValueError, match="num_fewshot"):
-        evaluate_run(files["run"], ppl=None, mcq=files["mcq"], num_fewshot=-1)
+        evaluate_run(files["run"], ppl=None, mcq=files["mcq"], method=EvalConfig(num_fewshot=-1))
     with pytest.raises(ValueError, match="contamination: .*needs mcq"):
         evaluate_run(files["run"], ppl=files["val"], mcq=None, contamination=files["val"])
     bad = tmp_path / "bad.jsonl"

@@ -8,10 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.align.sft import (
-    IGNORE_INDEX,
-    masked_cross_entropy,
-    masked_cross_entropy_mean,
-    shift_for_next_token,
+    IGNORE_INDEX, masked_cross_entropy, masked_cross_entropy_mean, shift_for_next_token,
 )
 
 

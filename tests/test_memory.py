@@ -5,18 +5,8 @@ import torch
 import torch.nn as nn
 
 from minillm.memory import (
-    MODEL_PRESETS,
-    GiB,
-    buffer_bytes,
-    format_memory_table,
-    gpt2_param_count,
-    grad_bytes,
-    memory_table,
-    nf4_bytes,
-    optimizer_state_bytes,
-    param_bytes,
-    quantized_weight_bytes,
-    training_memory,
+    MODEL_PRESETS, GiB, buffer_bytes, format_memory_table, gpt2_param_count, grad_bytes, memory_table, nf4_bytes,
+    optimizer_state_bytes, param_bytes, quantized_weight_bytes, training_memory,
 )
 from minillm.peft.qlora import quantize_model
 from minillm.quant.nf4 import quantize_4bit
@@ -164,11 +154,10 @@ def test_bad_input():
         optimizer_state_bytes(torch.optim.RMSprop(model.parameters()))
 
 
-def test_command_line_prints_every_preset(monkeypatch, capsys):
-    from minillm import memory
+def test_command_line_prints_every_preset(capsys):
+    from minillm.cli import main
 
-    monkeypatch.setattr("sys.argv", ["memory", "--lora-r", "4", "--gpu-gib", "24"])
-    memory.main()
-    out = capsys.readouterr().out
-    assert all(name in out for name in MODEL_PRESETS)
-    assert "fits 24 GiB" in out and "LoRA r=4" in out
+    for name in MODEL_PRESETS:
+        assert main(["memory", "--preset", name, "--lora-r", "4", "--gpu-gib", "24"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{name}: ") and "fits 24 GiB" in out and "LoRA r=4" in out

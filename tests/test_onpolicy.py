@@ -11,14 +11,7 @@ from minillm.cli import build_parser
 from minillm.config import PairsConfig
 from minillm.model import GPT, GPTConfig
 from minillm.runs import save_run_files
-from minillm.stages.pairs import (
-    best_worst_pairs,
-    gold_scorer,
-    read_prompts,
-    run_pairs,
-    sample_responses,
-    write_pairs,
-)
+from minillm.stages.pairs import best_worst_pairs, gold_scorer, read_prompts, run_pairs, sample_responses, write_pairs
 from minillm.tokenizer import Tokenizer
 from minillm.utils import atomic_torch_save
 from minillm.world import gold_reward

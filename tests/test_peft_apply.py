@@ -5,21 +5,9 @@ import torch
 from minillm.model import GPT, GPTConfig
 from minillm.peft.adapters import ParallelAdapter, SeriesAdapter
 from minillm.peft.apply import (
-    PEFT_METHODS,
-    adapter_parameters,
-    adapter_state_dict,
-    add_lora_adapter,
-    apply_peft,
-    count_parameters,
-    disable_adapters,
-    find_target_modules,
-    load_adapter,
-    load_adapter_state_dict,
-    merge_adapters,
-    merge_peft,
-    save_adapter,
-    set_adapter,
-    unmerge_adapters,
+    PEFT_METHODS, adapter_parameters, adapter_state_dict, add_lora_adapter, apply_peft, count_parameters,
+    disable_adapters, find_target_modules, load_adapter, load_adapter_state_dict, merge_adapters, merge_peft,
+    save_adapter, set_adapter, unmerge_adapters,
 )
 from minillm.peft.krona import KronALinear
 from minillm.peft.lora import LoRALinear

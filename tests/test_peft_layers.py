@@ -6,12 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillm.peft.adapters import (
-    BottleneckAdapter,
-    ParallelAdapter,
-    SeriesAdapter,
-    adapter_num_parameters,
-)
+from minillm.peft.adapters import BottleneckAdapter, ParallelAdapter, SeriesAdapter, adapter_num_parameters
 from minillm.peft.krona import KronALinear, factorization, kron_matvec, kron_shapes
 from minillm.peft.lora import LoRALinear
 from minillm.peft.vera import VeRALinear, VeRAProjections

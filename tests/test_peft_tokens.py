@@ -5,20 +5,10 @@ import torch.nn as nn
 
 from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import (
-    adapter_parameters,
-    apply_peft,
-    disable_adapters,
-    load_adapter,
-    merge_adapters,
-    merge_peft,
-    save_adapter,
+    adapter_parameters, apply_peft, disable_adapters, load_adapter, merge_adapters, merge_peft, save_adapter,
     unmerge_adapters,
 )
-from minillm.peft.tokens import (
-    TrainableTokensLayer,
-    apply_trainable_tokens,
-    chat_token_ids,
-)
+from minillm.peft.tokens import TrainableTokensLayer, apply_trainable_tokens, chat_token_ids
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 IDS = [3, 47, 11]

@@ -7,13 +7,7 @@ import torch.nn.functional as F
 
 from minillm.peft.loftq import loftq_init, loftq_linear, low_rank_factors
 from minillm.peft.lora import LoRALinear
-from minillm.peft.qlora import (
-    Linear4bit,
-    QLoRALinear,
-    _DequantizeLinear,
-    quantize_model,
-    quantized_layers,
-)
+from minillm.peft.qlora import Linear4bit, QLoRALinear, _DequantizeLinear, quantize_model, quantized_layers
 from minillm.quant.nf4 import dequantize_4bit, quantize_4bit
 from minillm.utils import atomic_torch_save, safe_torch_load
 

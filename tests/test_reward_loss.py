@@ -5,11 +5,7 @@ import pytest
 import torch
 
 from minillm.align.reward import (
-    RewardModel,
-    bradley_terry_loss,
-    bradley_terry_loss_sum,
-    last_token_index,
-    reward_metrics,
+    RewardModel, bradley_terry_loss, bradley_terry_loss_sum, last_token_index, reward_metrics,
 )
 
 

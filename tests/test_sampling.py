@@ -1,13 +1,7 @@
 """Decoding: filters, greedy equivalences, seeds, the KV cache, batching and cropping."""
 import torch
 
-from minillm.sampling import (
-    filter_top_k,
-    filter_top_p,
-    generate,
-    generate_completions,
-    sample_next,
-)
+from minillm.sampling import filter_top_k, filter_top_p, generate, generate_completions, sample_next
 
 
 def test_filter_top_k_by_hand():

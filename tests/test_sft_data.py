@@ -11,14 +11,7 @@ import pytest
 import torch
 
 from minillm.align.chat import (
-    SFTExample,
-    all_tokens_mask,
-    alpaca_to_messages,
-    collate,
-    encode_chats,
-    load_chats,
-    pack,
-    sample_batches,
+    SFTExample, all_tokens_mask, alpaca_to_messages, collate, encode_chats, load_chats, pack, sample_batches,
 )
 from minillm.align.sft import IGNORE_INDEX, sft_loss
 from minillm.model import GPT, GPTConfig

@@ -11,14 +11,7 @@ from hypothesis import strategies as st
 
 from minillm import tokenizer as tk
 from minillm.bpe import GPT2_PAT_STR, pretokenize
-from minillm.tokenizer import (
-    END,
-    EOT,
-    SPECIAL_TOKENS,
-    Tokenizer,
-    merges_from_ranks,
-    token_to_str,
-)
+from minillm.tokenizer import END, EOT, SPECIAL_TOKENS, Tokenizer, merges_from_ranks, token_to_str
 
 
 def small_corpus(n_chars: int, seed: int = 0) -> str:

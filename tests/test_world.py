@@ -9,19 +9,8 @@ import pytest
 
 from minillm import world as W
 from minillm.world import (
-    ATTRIBUTES,
-    MENTIONS_PER_FACT,
-    REFUSAL,
-    World,
-    fact_probes,
-    gold_reward,
-    gold_reward_terms,
-    is_refusal,
-    make_world,
-    normalize_answer,
-    parse_prompt,
-    pretraining_corpus,
-    write_world,
+    ATTRIBUTES, MENTIONS_PER_FACT, REFUSAL, World, fact_probes, gold_reward, gold_reward_terms, is_refusal,
+    make_world, normalize_answer, parse_prompt, pretraining_corpus, write_world,
 )
 
 FILES = ("world", "corpus_train", "corpus_val", "probes", "sft_train", "sft_test", "prefs_train", "prefs_test",

@@ -24,11 +24,7 @@ import torch
 import torch.nn as nn
 
 from minillm.peft.lora import (
-    adapter_dtype,
-    check_linear_like,
-    check_not_merged_when_disabled,
-    merge_weight,
-    unmerge_weight,
+    adapter_dtype, check_linear_like, check_not_merged_when_disabled, merge_weight, unmerge_weight,
 )
 
 

@@ -346,7 +346,7 @@ def quantize_4bit_reference(
 
 
 def dequantize_absmax_reference(state: QuantState4bit) -> torch.Tensor:
-    """Per-block fp32 scales: absmax, or absmax_b ~= dyn[absmax_q_b] * absmax_scale_{b // 256} + c."""
+    """Per-block fp32 scales: absmax, or absmax_b ~= dyn[absmax_q_b] * absmax_scale_{b // dq_blocksize} + c."""
     if not state.double_quant:
         return state.absmax.float()
     centred = dequantize_blockwise_reference(state.absmax_q, state.absmax_scale, state.absmax_code, state.dq_blocksize)

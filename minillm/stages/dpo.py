@@ -36,15 +36,8 @@ import torch.nn as nn
 from minillm.align.dpo import dpo_loss, dpo_metrics
 from minillm.align.logprobs import sequence_logprobs
 from minillm.align.preferences import (
-    BatchMetricLog,
-    EncodedPair,
-    PreferencePair,
-    collate_pairs,
-    disable_dropout,
-    encode_pair,
-    pair_batches,
-    prepare_pairs,
-    read_preferences,
+    BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair, pair_batches,
+    prepare_pairs, read_preferences,
 )
 from minillm.config import DPOConfig, TrainConfig
 from minillm.peft.apply import disable_adapters, save_adapter

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from minillm.config import EvalConfig
 from minillm.datasets import read_text, split_documents, tokenize_corpus
 from minillm.eval.contamination import contamination_report
 from minillm.eval.loglik import model_max_length
@@ -44,9 +45,8 @@ DEFAULT_MCQ = "data/world/mcq_test.jsonl"
 DEFAULT_FEWSHOT = "data/world/mcq_dev.jsonl"
 FORMAT_CHOICES = ("auto", "cloze", *FORMATS)
 LETTER_FORMATS = tuple(f for f in FORMATS if f != "hellaswag")
-# Measured on the world's short items (contamination.py docstring, lessons/09_evaluation.md):
-# n = 8, as Llama 3 uses, leaves most 5-8-word items without a single n-gram.
-CONTAMINATION_N, CONTAMINATION_THRESHOLD = 4, 0.7
+# Measured on the world's short items (contamination.py docstring, lessons/09_evaluation.md).
+CONTAMINATION_N, CONTAMINATION_THRESHOLD = EvalConfig.contamination_n, EvalConfig.contamination_threshold
 
 
 # ----------------------------------------------------------------------------- the cloze format
@@ -183,38 +183,25 @@ def evaluate_run(
     ppl: str | Path | None = DEFAULT_PPL,
     mcq: str | Path | None = DEFAULT_MCQ,
     fewshot_data: str | Path | None = DEFAULT_FEWSHOT,
-    num_fewshot: int = 0,
-    fmt: str = "auto",
-    sampler: str = "random",
-    seed: int = 1234,
-    robustness: bool = False,
     contamination: str | Path | None = None,
-    contamination_n: int = CONTAMINATION_N,
-    contamination_threshold: float = CONTAMINATION_THRESHOLD,
-    max_length: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 32,
+    method: EvalConfig | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
     """Perplexity on `ppl` and MCQ accuracy on `mcq` (None skips either) of the run in `run_dir`.
 
-    Few-shot examples come from `fewshot_data` (None: from the evaluated items themselves). `robustness`
+    Few-shot examples come from `fewshot_data` (None: from the evaluated items themselves). method.robustness
     adds the answer-order and prompt-format checks; `contamination` (a corpus file) adds the n-gram
     overlap of the MCQ items with it and the accuracy on the clean and contaminated items.
     Every input file is checked before the model is loaded. Returns the report as a dict.
     """
-
+    m = method or EvalConfig()
     if ppl is None and mcq is None:
         raise ValueError("nothing to evaluate: give a perplexity text (ppl) or multiple-choice items (mcq)")
-    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
-        raise ValueError(f"num_fewshot must be a non-negative integer, got {num_fewshot!r}")
-    if fmt not in FORMAT_CHOICES:
-        raise ValueError(f"format must be one of {list(FORMAT_CHOICES)}, got {fmt!r}")
     if contamination is not None and mcq is None:
         raise ValueError("contamination: checks the MCQ items, so it needs mcq")
     _require_file(ppl, "ppl")
     _require_file(mcq, "mcq")
-    if mcq is not None and num_fewshot > 0:
+    if mcq is not None and m.num_fewshot > 0:
         _require_file(fewshot_data, "fewshot_data")
     _require_file(contamination, "contamination")
 
@@ -225,24 +212,24 @@ def evaluate_run(
     seconds: dict[str, float] = {"load": time.perf_counter() - t0}
     if ppl is not None:
         t0 = time.perf_counter()
-        report["perplexity"] = perplexity_report(model, tokenizer, ppl, max_length, stride, batch_size)
+        report["perplexity"] = perplexity_report(model, tokenizer, ppl, m.max_length, m.stride, m.batch_size)
         seconds["perplexity"] = time.perf_counter() - t0
     if mcq is not None:
         t0 = time.perf_counter()
         items = load_mcq(mcq)
-        pool = load_mcq(fewshot_data) if num_fewshot > 0 and fewshot_data is not None else None
-        report["mcq"] = {"path": str(mcq), **mcq_report(model, tokenizer, items, fmt, num_fewshot, pool, seed,
-                                                        sampler, batch_size)}
+        pool = load_mcq(fewshot_data) if m.num_fewshot > 0 and fewshot_data is not None else None
+        report["mcq"] = {"path": str(mcq), **mcq_report(model, tokenizer, items, m.format, m.num_fewshot, pool,
+                                                        m.seed, m.sampler, m.batch_size)}
         seconds["mcq"] = time.perf_counter() - t0
-        if robustness:
+        if m.robustness:
             t0 = time.perf_counter()
-            report["robustness"] = robustness_checks(model, tokenizer, items, fmt, num_fewshot, pool, seed,
-                                                     batch_size)
+            report["robustness"] = robustness_checks(model, tokenizer, items, m.format, m.num_fewshot, pool,
+                                                     m.seed, m.batch_size)
             seconds["robustness"] = time.perf_counter() - t0
         if contamination is not None:
             correct = [r["pred"] == r["answer"] for r in report["mcq"]["per_item"]]
-            report["contamination"] = contamination_check(items, contamination, correct, contamination_n,
-                                                          contamination_threshold)
+            report["contamination"] = contamination_check(items, contamination, correct, m.contamination_n,
+                                                          m.contamination_threshold)
     report["seconds"] = seconds
     return report
 

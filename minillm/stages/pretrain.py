@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from minillm.config import TrainConfig
 from minillm.datasets import random_windows, tokenize_corpus
 from minillm.model import GPT, GPTConfig
-from minillm.runs import save_run_files
+from minillm.runs import Run, save_run_files
 from minillm.tokenizer import Tokenizer
 from minillm.train import TrainResult, run_config_dict, train
 
@@ -61,3 +62,22 @@ def pretrain(
     return model, result
 
 
+
+
+def run_pretrain(
+    init: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    train_cfg: TrainConfig,
+    method: GPTConfig,
+    resume: bool = False,
+    progress: bool = True,
+) -> Run:
+    """The stage in every stage's shape: `init` is the tokenizer directory (pretraining starts from no model),
+    `data` the directory with corpus_train.txt and corpus_val.txt, `method` the network to train (its
+    vocab_size is the tokenizer's)."""
+    tokenizer = Tokenizer.load(init)
+    data = Path(data)
+    model, result = pretrain(tokenizer, data / "corpus_train.txt", data / "corpus_val.txt",
+                             replace(method, vocab_size=tokenizer.vocab_size), train_cfg, out, resume, progress)
+    return Run(Path(out), model.eval(), tokenizer, result, {"parameters": model.num_parameters()})

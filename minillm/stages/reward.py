@@ -28,16 +28,8 @@ from typing import Any
 import torch
 
 from minillm.align.preferences import (
-    BatchMetricLog,
-    EncodedPair,
-    PreferencePair,
-    collate_pairs,
-    disable_dropout,
-    encode_pair,
-    pair_batches,
-    prepare_pairs,
-    prompt_text,
-    read_preferences,
+    BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair, pair_batches,
+    prepare_pairs, prompt_text, read_preferences,
 )
 from minillm.align.reward import RewardModel, bradley_terry_loss_sum, reward_metrics
 from minillm.config import RewardConfig, TrainConfig
