@@ -27,7 +27,7 @@ from minillm.peft.apply import PEFT_METHODS
 from minillm.pipeline import run_pipeline
 from minillm.runs import load_run
 from minillm.sampling import generate_completions
-from minillm.stages import compare, qlora_compare
+from minillm.stages import compare
 from minillm.stages.dpo import run_dpo
 from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
 from minillm.stages.pairs import run_pairs
@@ -433,16 +433,12 @@ def add_peft_compare_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_peft_compare(args: argparse.Namespace) -> None:
-    if not Path(args.init).is_dir():
-        raise FileNotFoundError(f"--init {args.init}: base run not found (run `python -m minillm pipeline` or "
-                                "`python -m minillm pretrain --out DIR` first)")
-    if args.peft_lr is not None and not args.peft_lr > 0:
-        raise ValueError(f"--peft-lr must be > 0, got {args.peft_lr}")
+    """Run `compare.compare_methods` with the command's flags (it checks --init and --peft-lr first)."""
     summary = compare.compare_methods(args.init, args.data, args.test_data, args.out, stage_train_config(args, "sft"),
-                              methods=compare.parse_methods(args.methods), peft_lr=args.peft_lr,
-                              analytic_preset=args.analytic_preset, timing_repeats=args.timing_repeats,
-                              timing_seconds=args.timing_seconds,
-                              keep_checkpoints=args.keep_checkpoints, chat_tokens=not args.no_chat_tokens)
+                                      methods=compare.parse_methods(args.methods), peft_lr=args.peft_lr,
+                                      analytic_preset=args.analytic_preset, timing_repeats=args.timing_repeats,
+                                      timing_seconds=args.timing_seconds, keep_checkpoints=args.keep_checkpoints,
+                                      chat_tokens=not args.no_chat_tokens)
     print(compare.render_table(summary["rows"]))
     print(f"[peft-compare] wrote {Path(args.out) / 'table.md'}")
 
@@ -456,11 +452,13 @@ def add_qlora_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-data", default="data/world/sft_test.jsonl", help="held-out questions for exact match")
     p.add_argument("--out", default="runs/qlora_compare", help="output directory (table.md, results.json, runs)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {','.join(qlora_compare.METHOD_SPECS)} (default: {','.join(qlora_compare.DEFAULT_METHODS)})")
+                   help=f"comma-separated subset of {','.join(compare.QLORA_SPECS)} "
+                        f"(default: {','.join(compare.QLORA_METHODS)})")
     p.add_argument("--peft-lr", type=float, default=None,
-                   help=f"learning rate of LoRA/QLoRA (default: {qlora_compare.PEFT_LR_MULTIPLIER:g} x the full-FT lr)")
-    p.add_argument("--lora-r", type=int, default=qlora_compare.LORA_R, help=f"LoRA rank r (default: {qlora_compare.LORA_R})")
-    p.add_argument("--lora-alpha", type=float, default=qlora_compare.LORA_ALPHA, help=f"lora_alpha (default: {qlora_compare.LORA_ALPHA})")
+                   help=f"learning rate of LoRA/QLoRA (default: {compare.PEFT_LR_MULTIPLIER:g} x the full-FT lr)")
+    p.add_argument("--lora-r", type=int, default=compare.LORA_R, help=f"LoRA rank r (default: {compare.LORA_R})")
+    p.add_argument("--lora-alpha", type=float, default=compare.LORA_ALPHA,
+                   help=f"lora_alpha (default: {compare.LORA_ALPHA})")
     p.add_argument("--no-chat-tokens", action="store_true",
                    help="do not train the chat tokens' embedding rows in the adapter runs")
     p.add_argument("--gaussian-numel", type=int, default=2**20,
@@ -481,16 +479,13 @@ def add_qlora_compare_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_qlora_compare(args: argparse.Namespace) -> None:
-    if not Path(args.init).is_dir():
-        raise FileNotFoundError(f"--init {args.init}: base run not found (run `python -m minillm pipeline` or "
-                                "`python -m minillm pretrain --out DIR` first)")
-    if args.peft_lr is not None and not args.peft_lr > 0:
-        raise ValueError(f"--peft-lr must be > 0, got {args.peft_lr}")
-    summary = qlora_compare.compare_qlora(args.init, args.data, args.test_data, args.out, stage_train_config(args, "sft"),
-                            qlora_compare.parse_methods(args.methods), args.peft_lr, args.lora_r, args.lora_alpha,
-                            not args.no_chat_tokens, args.gaussian_numel)
-    print(qlora_compare.render_method_table(summary["rows"]))
-    print(qlora_compare.render_error_table(summary["errors"]))
+    """Run `compare.compare_qlora` with the command's flags (it checks --init and --peft-lr first)."""
+    methods = compare.parse_methods(args.methods, compare.QLORA_SPECS, compare.QLORA_METHODS)
+    summary = compare.compare_qlora(args.init, args.data, args.test_data, args.out, stage_train_config(args, "sft"),
+                                    methods, args.peft_lr, args.lora_r, args.lora_alpha, not args.no_chat_tokens,
+                                    args.gaussian_numel)
+    print(compare.render_qlora_table(summary["rows"]))
+    print(compare.render_error_table(summary["errors"]))
     print(f"[qlora-compare] wrote {Path(args.out) / 'table.md'}")
 
 

@@ -30,10 +30,10 @@ from minillm.eval.task import evaluate_instructions, fact_completion_accuracy
 from minillm.plots import plot_series
 from minillm.runs import load_plain_run, load_run
 from minillm.sampling import generate_completions
+from minillm.stages.compare import compare_qlora
 from minillm.stages.dpo import reward_and_kl, run_dpo
 from minillm.stages.evaluate import evaluate_run, report_rows
 from minillm.stages.pretrain import pretrain
-from minillm.stages.qlora_compare import compare_qlora
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer

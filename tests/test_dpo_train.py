@@ -187,9 +187,8 @@ def test_run_dpo_with_lora_uses_the_disabled_adapters_as_reference(tmp_path):
     init = make_run(tmp_path / "sft")
     data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
     sft, _, _ = load_run(init)
-    policy = run_dpo(init, data, tmp_path / "dpo", tiny_cfg(lr=2e-2, min_lr=2e-2),
-                     DPOConfig(loss_type="ipo", val_fraction=0.0), peft={"method": "lora", "r": 4, "lora_alpha": 8},
-                     progress=False).model
+    run_dpo(init, data, tmp_path / "dpo", tiny_cfg(lr=2e-2, min_lr=2e-2), DPOConfig(loss_type="ipo", val_fraction=0.0),
+            peft={"method": "lora", "r": 4, "lora_alpha": 8}, progress=False)
     loaded, _, cfg = load_run(tmp_path / "dpo")
     assert cfg["peft"]["method"] == "lora" and cfg["dpo"]["average_logps"] is True  # IPO averages, as TRL
     assert (tmp_path / "dpo" / "adapter.pt").exists()

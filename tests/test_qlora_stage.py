@@ -1,5 +1,6 @@
 """QLoRA as a PEFT method ("qlora" in apply_peft) and as a stage: structure, exactness at init, gradients,
-LoftQ, merging, adapter files, run_sft -> load_run end to end, the CLI, and the comparison/error tables."""
+LoftQ, merging, adapter files, run_sft -> load_run end to end, the CLI, and qlora-compare (`compare_qlora`
+and its error table, `minillm.quant.error`)."""
 import copy
 import json
 from pathlib import Path
@@ -8,33 +9,25 @@ import pytest
 import torch
 import torch.nn as nn
 
+from minillm.cli import main
 from minillm.config import SFTConfig, TrainConfig
 from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import (
-    PEFT_METHODS,
-    adapter_parameters,
-    adapter_state_dict,
-    apply_peft,
-    load_adapter,
-    merge_peft,
-    save_adapter,
+    PEFT_METHODS, adapter_parameters, adapter_state_dict, apply_peft, dequantize_model, linear_weights, load_adapter,
+    merge_peft, save_adapter,
 )
 from minillm.peft.loftq import loftq_init
 from minillm.peft.lora import LoRALinear
 from minillm.peft.qlora import Linear4bit, quantized_layers
-from minillm.quant.nf4 import dequantize_4bit, quantize_4bit
-from minillm.stages.compare import PEFT_LR_MULTIPLIER
-from minillm.stages.qlora_compare import (
+from minillm.quant.error import error_row, excess_kurtosis, gaussian_weights, quantization_error_table
+from minillm.quant.nf4 import dequantize_4bit, quantization_error, quantize_4bit
+from minillm.stages.compare import (
+    PEFT_LR_MULTIPLIER,
+    QLORA_METHODS,
+    QLORA_SPECS,
     compare_qlora,
-    dequantize_model,
-    error_row,
-    excess_kurtosis,
-    gaussian_weights,
-    linear_weights,
-    main,
     method_spec,
     parse_methods,
-    quantization_error_table,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,17 +257,19 @@ def test_cli_offers_qlora_and_passes_loftq_iters():
 
 # ---------------------------------------------------------------------- the comparison module
 def test_method_specs_share_rank_alpha_and_targets():
-    lora, qlora = method_spec("lora", token_ids=[1, 2]), method_spec("qlora", token_ids=[1, 2])
-    assert method_spec("full") is None
+    lora, qlora = method_spec("lora", [1, 2], QLORA_SPECS), method_spec("qlora", [1, 2], QLORA_SPECS)
+    assert method_spec("full", [1, 2], QLORA_SPECS) is None
     assert (lora["r"], lora["lora_alpha"]) == (qlora["r"], qlora["lora_alpha"]) == (8, 16)
     model_l = apply_peft(tiny_gpt(), "lora", **{k: v for k, v in lora.items() if k != "method"})
     model_q = apply_peft(tiny_gpt(), "qlora", **{k: v for k, v in qlora.items() if k != "method"})
     assert adapter_state_dict(model_l).keys() == adapter_state_dict(model_q).keys()  # same adapted layers
-    assert method_spec("loftq")["loftq_iters"] == 1
-    assert parse_methods("qlora, full") == ["qlora", "full"]
+    assert method_spec("loftq", specs=QLORA_SPECS)["loftq_iters"] == 1
+    assert method_spec("qlora", specs=QLORA_SPECS, r=4)["r"] == 4  # --lora-r
+    assert parse_methods(None, QLORA_SPECS, QLORA_METHODS) == ["full", "lora", "qlora"]
+    assert parse_methods("qlora, full", QLORA_SPECS) == ["qlora", "full"]
     for bad in ("qlora,qlora", "nf4", ""):
         with pytest.raises(ValueError, match="--methods"):
-            parse_methods(bad)
+            parse_methods(bad, QLORA_SPECS)
 
 
 def test_excess_kurtosis_hand_cases():
@@ -289,8 +284,6 @@ def test_error_row_weights_matrices_by_their_size():
     torch.manual_seed(0)
     a, b = torch.randn(8, 64), 3 * torch.randn(4, 64)
     row = error_row("ab", [a, b])
-    from minillm.quant.nf4 import quantization_error
-
     sq = [quantization_error(w, "nf4")["mse"] * w.numel() for w in (a, b)]
     assert row["nf4"] == pytest.approx(sum(sq) / float(a.square().sum() + b.square().sum()), rel=1e-6)
     assert row["numel"] == 8 * 64 + 4 * 64
@@ -299,7 +292,7 @@ def test_error_row_weights_matrices_by_their_size():
 
 
 def test_error_table_ranks_nf4_best_on_gaussian_and_real_weights():
-    rows = quantization_error_table(tiny_gpt(), gaussian_numel=2**16)
+    rows = quantization_error_table(linear_weights(tiny_gpt()), gaussian_numel=2**16)
     assert [r["name"] for r in rows][:2] == ["Gaussian N(0, 1)", "trained model: every linear weight"]
     assert {r["name"].split(": ")[-1] for r in rows[2:]} == set(LINEARS)
     for r in rows:
@@ -343,10 +336,12 @@ def test_compare_qlora_writes_the_table(base_run, small_world, tmp_path):
 
 
 def test_command_line_errors(tmp_path, capsys):
-    assert main(["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["qlora-compare", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "base run not found" in capsys.readouterr().err
-    assert main(["--init", str(tmp_path), "--methods", "nf4"]) == 2
+    assert main(["qlora-compare", "--init", str(tmp_path), "--methods", "nf4"]) == 2
     assert "--methods" in capsys.readouterr().err
+    assert main(["qlora-compare", "--init", str(tmp_path), "--peft-lr", "0"]) == 2
+    assert "--peft-lr" in capsys.readouterr().err
 
 
 def test_pipeline_stage_returns_report_rows(base_run, small_world, tmp_path, monkeypatch):

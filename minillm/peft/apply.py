@@ -46,7 +46,7 @@ from minillm.peft.loftq import loftq_linear
 from minillm.peft.lora import LoRALinear, check_linear_like
 from minillm.peft.partial import apply_bitfit, apply_last_k
 from minillm.peft.prefix import PrefixTunedGPT, PromptTunedGPT
-from minillm.peft.qlora import Linear4bit, QLoRALinear
+from minillm.peft.qlora import Linear4bit, QLoRALinear, quantized_layers
 from minillm.peft.tokens import TrainableTokensLayer, apply_trainable_tokens, check_trainable_tokens
 from minillm.peft.vera import VeRALinear, VeRAProjections
 from minillm.utils import atomic_torch_save, safe_torch_load
@@ -349,6 +349,37 @@ def apply_qlora(
             if isinstance(m, nn.Linear) and name not in target_names
             and not any(part in QLORA_SKIP for part in name.split("."))]
     return _replace_all(model, layers + rest)  # built first: bad input leaves the model as it was
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every Linear4bit by a frozen nn.Linear holding deq(W_nf4) (and the bias), in place.
+
+    A 4-bit base cannot absorb the float update B A (`merge_peft` refuses it). After this the model computes
+    exactly what it computed before (Linear4bit is F.linear with deq(W_nf4)), but the LoRA layers can merge:
+    merge_peft(dequantize_model(model)) gives a plain GPT with W' = deq(W_nf4) + s B A at full-precision size.
+    """
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("dequantize_model: the model has no Linear4bit layer (nothing is quantized)")
+    for name, q in layers:
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.weight.device,
+                           dtype=q.weight_dtype)
+        with torch.no_grad():
+            linear.weight.copy_(q.dequantize())
+            if q.bias is not None:
+                linear.bias.copy_(q.bias)
+        linear.requires_grad_(False)
+        replace_module(model, name, linear)
+    return model
+
+
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight of every nn.Linear QLoRA quantises (all but lm_head/wte/wpe), by module name."""
+    weights = {name: m.weight.detach() for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name and not any(p in QLORA_SKIP for p in name.split("."))}
+    if not weights:
+        raise ValueError("linear_weights: the model has no quantizable nn.Linear layer")
+    return weights
 
 
 def _no_targets(target_modules: TargetModules, method: str) -> None:
