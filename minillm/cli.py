@@ -124,6 +124,20 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     add_dataclass_flags(p, TrainConfig, "pretrain")
 
 
+PREFS_HELP = "preference JSONL: prompt, chosen, rejected"
+
+
+def add_run_paths(p: argparse.ArgumentParser, init: str, init_help: str, data_file: str, data_help: str, out: str,
+                  test_help: str | None = None) -> None:
+    """--init, --data (a file of the world data by default), [--test,] --out and --resume of a training stage."""
+    p.add_argument("--init", default=init, help=init_help)
+    p.add_argument("--data", default=f"{DEFAULT_DATA}/{data_file}", help=data_help)
+    if test_help:
+        p.add_argument("--test", default=f"{DEFAULT_DATA}/prefs_test.jsonl", help=test_help)
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+
+
 def add_stage_flags(p: argparse.ArgumentParser, stage: str, peft: bool = False) -> None:
     """--preset, the stage's TrainConfig and method flags, and the PEFT flags."""
     add_preset_flag(p)
@@ -275,10 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chats (loss on the assistant tokens)")
     add_stage_flags(p, "sft", peft=True)
-    p.add_argument("--init", default="runs/base", help="run directory to start from")
-    p.add_argument("--data", default=f"{DEFAULT_DATA}/sft_train.jsonl", help="JSONL/JSON: messages or Alpaca records")
-    p.add_argument("--out", default="runs/sft")
-    p.add_argument("--resume", action="store_true")
+    add_run_paths(p, "runs/base", "run directory to start from", "sft_train.jsonl",
+                  "JSONL/JSON: messages or Alpaca records", "runs/sft")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser(
@@ -286,13 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train r(x, y) = score(h_last) on prompt/chosen/rejected pairs (loss -log sigma(r_w - r_l)), "
                     "starting from an SFT run; then shift it to mean 0 on SFT samples and evaluate it on --test.")
     add_stage_flags(p, "reward")
-    p.add_argument("--init", default="runs/sft", help="run directory to start from (the SFT policy)")
-    p.add_argument("--data", default=f"{DEFAULT_DATA}/prefs_train.jsonl",
-                   help="preference JSONL: prompt, chosen, rejected")
-    p.add_argument("--test", default=f"{DEFAULT_DATA}/prefs_test.jsonl",
-                   help="held-out preference JSONL for accuracy and calibration ('' to skip)")
-    p.add_argument("--out", default="runs/rm")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    add_run_paths(p, "runs/sft", "run directory to start from (the SFT policy)", "prefs_train.jsonl",
+                  PREFS_HELP, "runs/rm", test_help="held-out preference JSONL for accuracy and calibration ('' to skip)")
     p.set_defaults(func=cmd_reward)
 
     p = sub.add_parser(
@@ -301,13 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "h = log pi/pi_ref(y_w) - log pi/pi_ref(y_l); the reference is the --init model "
                     "(a frozen copy, or the same model with adapters disabled under --peft).")
     add_stage_flags(p, "dpo", peft=True)
-    p.add_argument("--init", default="runs/sft", help="run directory of the SFT policy (also the reference)")
-    p.add_argument("--data", default=f"{DEFAULT_DATA}/prefs_train.jsonl",
-                   help="preference JSONL: prompt, chosen, rejected")
-    p.add_argument("--test", default=f"{DEFAULT_DATA}/prefs_test.jsonl",
-                   help="held-out preference JSONL for the implicit-reward accuracy ('' to skip)")
-    p.add_argument("--out", default="runs/dpo")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    add_run_paths(p, "runs/sft", "run directory of the SFT policy (also the reference)", "prefs_train.jsonl",
+                  PREFS_HELP, "runs/dpo",
+                  test_help="held-out preference JSONL for the implicit-reward accuracy ('' to skip)")
     p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser(
