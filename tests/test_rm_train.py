@@ -10,13 +10,13 @@ import torch
 from minillm.align.preferences import (
     collate_pairs, encode_pair, encode_preferences, parse_preference, read_preferences, split_pairs,
 )
-from minillm.align.reward import RewardModel, bradley_terry_loss
+from minillm.align.reward import RewardModel, bradley_terry_loss, score_sequences
 from minillm.cli import build_parser
 from minillm.config import RewardConfig, TrainConfig
 from minillm.model import GPT, GPTConfig
 from minillm.runs import load_reward_model, load_run, save_run_files
 from minillm.stages.reward import (
-    calibration, plot_calibration, reward_loss_fn, reward_offset, run_reward, score_sequences, score_texts,
+    calibration, plot_calibration, reward_loss_fn, reward_offset, run_reward, score_texts,
 )
 from minillm.tokenizer import Tokenizer
 from minillm.utils import atomic_torch_save

@@ -22,6 +22,7 @@ from minillm.sampling import positions_from_mask
 
 __all__ = [
     "bradley_terry_loss", "bradley_terry_loss_sum", "reward_metrics", "last_token_index", "RewardModel",
+    "score_sequences",
 ]
 
 
@@ -145,3 +146,25 @@ def _check_rewards(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: tor
             )
     if r_chosen.shape[0] == 0:
         raise ValueError("r_chosen is empty: need at least one pair")
+
+
+@torch.no_grad()
+def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """r(x, y) of chat-template token sequences (each ending with the response's <|end|>); returns (N,) fp32 on CPU."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("score_sequences: need at least one sequence, none of them empty")
+    device = next(rm.parameters()).device
+    was_training = rm.training
+    rm.eval()
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        T = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)  # (b, T), right-padded
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        out.append(rm(ids.to(device), attention_mask=mask.to(device)).float().cpu())
+    rm.train(was_training)
+    return torch.cat(out)

@@ -22,11 +22,11 @@ import torch
 
 from minillm.align.chat import record_to_messages
 from minillm.align.preferences import Messages, prompt_text
+from minillm.align.reward import score_sequences
 from minillm.config import PairsConfig
 from minillm.datasets import read_jsonl
 from minillm.runs import load_plain_run, load_reward_model
 from minillm.sampling import generate_completions
-from minillm.stages.reward import score_sequences
 from minillm.utils import atomic_write_text
 from minillm.world import gold_reward, make_world
 

@@ -31,7 +31,7 @@ from minillm.align.preferences import (
     BatchMetricLog, EncodedPair, PreferencePair, collate_pairs, disable_dropout, encode_pair, pair_batches,
     prepare_pairs, prompt_text, read_preferences,
 )
-from minillm.align.reward import RewardModel, bradley_terry_loss_sum, reward_metrics
+from minillm.align.reward import RewardModel, bradley_terry_loss_sum, reward_metrics, score_sequences
 from minillm.config import RewardConfig, TrainConfig
 from minillm.plots import Figure, save_figure
 from minillm.runs import Run, checkpoint_step, load_plain_run, save_run_files
@@ -40,7 +40,7 @@ from minillm.train import run_config_dict, train
 from minillm.utils import write_json
 
 __all__ = [
-    "reward_loss_fn", "score_sequences", "score_texts", "pair_rewards", "evaluate_reward_model", "calibration",
+    "reward_loss_fn", "score_texts", "pair_rewards", "evaluate_reward_model", "calibration",
     "plot_calibration", "reward_offset", "run_reward",
 ]
 
@@ -67,28 +67,6 @@ def reward_loss_fn(center_coef: float | None = None, log: BatchMetricLog | None 
 
 
 # ------------------------------------------------------------------------------------ scoring
-@torch.no_grad()
-def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """r(x, y) of chat-template token sequences (each ending with the response's <|end|>); returns (N,) fp32 on CPU."""
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("score_sequences: need at least one sequence, none of them empty")
-    device = next(rm.parameters()).device
-    was_training = rm.training
-    rm.eval()
-    out = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        T = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)  # (b, T), right-padded
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        out.append(rm(ids.to(device), attention_mask=mask.to(device)).float().cpu())
-    rm.train(was_training)
-    return torch.cat(out)
-
-
 def _prompt_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
