@@ -114,6 +114,14 @@ def stage_method(args: argparse.Namespace, stage: str) -> Any:
     return override(get_preset(args.preset).method(stage), collect_overrides(args, METHOD_CONFIGS[stage]))
 
 
+def _seed_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def add_preset_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named configuration (default: cpu)")
 
@@ -260,7 +268,8 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     run_pipeline(args.out, args.data, args.tokenizer, args.preset, collect_overrides(args, GPTConfig),
-                 collect_overrides(args, TrainConfig), seed_world=args.seed_world, skip=args.skip or [])
+                 collect_overrides(args, TrainConfig), seed_world=args.seed_world, skip=args.skip or [],
+                 seeds=args.seeds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "starting from an SFT run; then shift it to mean 0 on SFT samples and evaluate it on --test.")
     add_stage_flags(p, "reward")
     add_run_paths(p, "runs/sft", "run directory to start from (the SFT policy)", "prefs_train.jsonl",
-                  PREFS_HELP, "runs/rm", test_help="held-out preference JSONL for accuracy and calibration ('' to skip)")
+                  PREFS_HELP, "runs/rm",
+                  test_help="held-out preference JSONL for accuracy and calibration ('' to skip)")
     p.set_defaults(func=cmd_reward)
 
     p = sub.add_parser(
@@ -358,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--seed-world", type=int, default=0, help="seed used when the world data must be generated")
+    p.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
+                   help="run the whole job once per training seed (e.g. 0,1,2) into OUT/seed_S; the report shows "
+                        "mean ± std over seeds")
     p.add_argument("--skip", action="append", metavar="STAGE",
                    help="skip a stage (repeatable): pretrain, base_eval, sft, sft_experiments, ...")
     p.set_defaults(func=cmd_pipeline)

@@ -5,17 +5,22 @@
 
 Each stage writes into its own directory under --out (default runs/pipeline), records its numbers in
 `summary.json`, and adds a section to `report.md`, so an instructor can run one command and show the
-class what each stage did. A stage is a function `stage(ctx)` of one shared context dict:
+class what each stage did. A figure averaged over prompts carries its 95% bootstrap interval over those
+prompts; `--seeds 0,1,2` runs the whole job once per training seed (the world stays fixed) into
+seed_0/, seed_1/, ... and writes a report card of mean ± std over the seeds (`minillm.eval.stats`).
+A stage is a function `stage(ctx)` of one shared context dict:
 
     ctx = {"out", "data", "tok", "preset" (name), "model_overrides", "train_overrides" (the user's flags),
            "runs":     {stage name: run directory},     the models produced so far
-           "card":     [(stage, metric, value)],        rows of the report card
+           "card":     [[stage, metric, value, interval]],  rows of the report card: value a number, a
+                                                        tuple (before -> after) or text; interval (lo, hi) or None
            "sections": [markdown],                      the report's body
            "summary":  {...},                           summary.json
            "timings":  {stage: seconds}}
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +31,7 @@ import torch
 from minillm.config import TrainConfig, get_preset, override
 from minillm.datasets import read_jsonl, tokenize_corpus
 from minillm.eval.perplexity import perplexity
+from minillm.eval.stats import bootstrap_ci, mean_std
 from minillm.eval.task import evaluate_instructions, fact_completion_accuracy
 from minillm.plots import plot_series
 from minillm.runs import load_plain_run, load_run
@@ -69,6 +75,19 @@ def ensure_tokenizer(tok_path: Path, corpus: Path, vocab_size: int):
     return tok
 
 
+def fmt(value: Any) -> str:
+    """A report value: floats to 3 decimals, (before, after) as 'before -> after', the rest as text."""
+    if isinstance(value, (tuple, list)):
+        return " -> ".join(fmt(v) for v in value)
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def card(ctx: Ctx, stage: str, metric: str, value: Any, values: list[float] | None = None) -> None:
+    """Add a report-card row; `values` (the per-prompt numbers a mean was taken over) adds its 95% bootstrap
+    interval."""
+    ctx["card"].append([stage, metric, value, bootstrap_ci(values) if values else None])
+
+
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
     """A markdown table; floats to 3 decimals, pipes and newlines escaped."""
     def cell(v: Any) -> str:
@@ -99,10 +118,11 @@ def stage_pretrain(ctx: Ctx) -> None:
     ctx["summary"]["model"] = asdict(model_cfg)
     ctx["summary"]["parameters"] = model.num_parameters()
     ctx["summary"]["pretrain"] = asdict(result)
-    ctx["card"] += [("pretrain", "steps", result.step),
-                    ("pretrain", "final train / validation loss", f"{result.train_loss:.4f} / {result.val_loss:.4f}"),
-                    ("pretrain", "training tokens/s", f"{result.tokens_per_s:,.0f}"),
-                    ("pretrain", "wall time (s)", f"{result.seconds:.0f}")]
+    card(ctx, "pretrain", "steps", result.step)
+    card(ctx, "pretrain", "final train loss", result.train_loss)
+    card(ctx, "pretrain", "final validation loss", result.val_loss)
+    card(ctx, "pretrain", "training tokens/s", round(result.tokens_per_s))
+    card(ctx, "pretrain", "wall time (s)", round(result.seconds))
     ctx["sections"].append("## Pretraining\n\n![pretraining loss](base/loss_curve.png)")
 
 
@@ -120,9 +140,9 @@ def stage_base_eval(ctx: Ctx) -> None:
     write_json(ctx["out"] / "fact_completion.json", facts["rows"])
     ctx["summary"]["val_perplexity"] = ppl
     ctx["summary"]["fact_completion"] = {k: v for k, v in facts.items() if k != "rows"}
-    ctx["card"] += [("base", "validation perplexity (sliding window)", f"{ppl['ppl']:.3f} ({ppl['n_tokens']:,} tokens)"),
-                    ("base", "fact completion, held-out phrasing (greedy)",
-                     f"{facts['accuracy']:.3f} of {facts['n']} probes")]
+    card(ctx, "base", f"validation perplexity (sliding window, {ppl['n_tokens']:,} tokens)", ppl["ppl"])
+    card(ctx, "base", f"fact completion, held-out phrasing (greedy, {facts['n']} probes)", facts["accuracy"],
+         [r["correct"] for r in facts["rows"]])
     body = ["## The base model", "",
             "Fact completion by attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in facts["per_attribute"].items()),
             "", "Samples:", "",
@@ -153,14 +173,22 @@ def stage_sft(ctx: Ctx) -> None:
     base = _sft_eval(ctx["runs"]["base"], test, mode="fewshot", shots=shots)
     sft = _sft_eval(ctx["runs"]["sft"], test)
     write_json(ctx["out"] / "sft" / "eval_test.json", sft["rows"])
-    keys = ["exact_match", "fact_exact_match", "refusal_accuracy", "false_refusals", "gold_reward"]
+    keys = ["exact_match", "fact_exact_match", "refusal_accuracy", "false_refusals", "gold_reward",
+            "wrong_character"]
     ctx["summary"]["sft"] = {"train": asdict(result), "stats": stats,
                              "base_fewshot": {k: base[k] for k in keys}, "sft": {k: sft[k] for k in keys}}
-    ctx["card"] += [("sft", "held-out exact match: base few-shot -> SFT",
-                     f"{base['exact_match']:.3f} -> {sft['exact_match']:.3f}"),
-                    ("sft", "refusal accuracy on held-out forbidden requests", f"{sft['refusal_accuracy']:.3f}"),
-                    ("sft", "mean gold reward: base few-shot -> SFT", f"{base['gold_reward']:.3f} -> {sft['gold_reward']:.3f}"),
-                    ("sft", "wall time (s)", f"{result.seconds:.0f}")]
+    answerable = [r for r in sft["rows"] if r["kind"] != "refusal"]
+    card(ctx, "sft", "held-out exact match: base few-shot -> SFT", (base["exact_match"], sft["exact_match"]),
+         [r["exact"] for r in answerable])
+    card(ctx, "sft", "wrong-character answers (share of held-out fact questions)", sft["wrong_character"],
+         [r["wrong_character"] for r in sft["rows"] if r["kind"] == "fact"])
+    card(ctx, "sft", "refusal accuracy on held-out forbidden requests", sft["refusal_accuracy"],
+         [r["refused"] for r in sft["rows"] if r["kind"] == "refusal"])
+    card(ctx, "sft", "false refusals on held-out fact and math questions", sft["false_refusals"],
+         [r["refused"] for r in answerable])
+    card(ctx, "sft", "mean gold reward: base few-shot -> SFT", (base["gold_reward"], sft["gold_reward"]),
+         [r["gold_reward"] for r in sft["rows"]])
+    card(ctx, "sft", "wall time (s)", round(result.seconds))
     examples = [[r["question"], r["answer"], "yes" if r["exact"] else "no"] for r in sft["rows"][:6]]
     ctx["sections"].append("\n".join([
         "## SFT: base model (3-shot prompt) vs SFT model, held-out characters", "",
@@ -210,8 +238,10 @@ def stage_sft_experiments(ctx: Ctx) -> None:
         "![data size](sft_experiments/data_size.png)"]))
 
 
-def _card_rows(ctx: Ctx, stage: str, rows: dict[str, Any]) -> None:
-    ctx["card"] += [(stage, k, f"{v:.3f}" if isinstance(v, float) else v) for k, v in rows.items()]
+def _card_rows(ctx: Ctx, stage: str, rows: dict[str, Any], values: dict[str, list[float]] | None = None) -> None:
+    """Report-card rows from metric -> value, with a bootstrap interval for the metrics in `values`."""
+    for k, v in rows.items():
+        card(ctx, stage, k, v, (values or {}).get(k))
     ctx["summary"][stage] = rows
 
 
@@ -221,7 +251,11 @@ def stage_reward(ctx: Ctx) -> None:
     run = run_reward(ctx["runs"]["sft"], data / "prefs_train.jsonl", ctx["out"] / "rm", train_config(ctx, "reward"),
                      get_preset(ctx["preset"]).reward_method, test=data / "prefs_test.jsonl")
     ctx["runs"]["rm"] = ctx["out"] / "rm"
-    _card_rows(ctx, "reward", reward_rows(run.result, run.stats))
+    per_pair = json.loads((ctx["out"] / "rm" / "eval.json").read_text())["per_pair"]
+    values = {"reward model: held-out pairwise accuracy vs gold": [p["correct"] for p in per_pair]}
+    for kind in run.stats["test_per_kind_accuracy"]:
+        values[f"reward model: accuracy, rejected = {kind}"] = [p["correct"] for p in per_pair if p["kind"] == kind]
+    _card_rows(ctx, "reward", reward_rows(run.result, run.stats), values)
     ctx["sections"].append("## Reward model\n\n![reward model calibration](rm/calibration.png)")
 
 
@@ -254,6 +288,8 @@ def stage_dpo(ctx: Ctx) -> None:
     sampled_sft = reward_and_kl(sft, sft, tok, prompts, n_samples=2)
     sampled = reward_and_kl(policy, sft, tok, prompts, n_samples=2)
     ctx["runs"]["dpo"] = out / "dpo"
+    greedy = [(s["gold_reward"], d["gold_reward"]) for s, d in zip(sft_eval["rows"], dpo_eval["rows"])]
+    exact = [r["exact"] for r in dpo_eval["rows"] if r["kind"] != "refusal"]
     _card_rows(ctx, "dpo", {
         "SFT: gold reward (greedy, sft_test)": sft_eval["gold_reward"],
         "SFT: exact match (greedy, sft_test)": sft_eval["exact_match"],
@@ -262,9 +298,18 @@ def stage_dpo(ctx: Ctx) -> None:
         "DPO: exact match (greedy, sft_test)": dpo_eval["exact_match"],
         "DPO: implicit-reward accuracy (prefs_test)": run.stats["test_accuracy"],
         "DPO: gold reward of samples (T=1)": sampled["reward"],
+        "DPO - SFT: gold reward (greedy)": dpo_eval["gold_reward"] - sft_eval["gold_reward"],
+        "DPO - SFT: gold reward of samples (T=1)": sampled["reward"] - sampled_sft["reward"],
         "DPO: KL(pi || pi_ref) per response (T=1)": sampled["kl"],
         "DPO: train seconds": run.result.seconds,
         "DPO: settings": f"beta {method.beta}, loss_type {method.loss_type}, rpo_alpha {method.rpo_alpha}",
+    }, {
+        "SFT: gold reward (greedy, sft_test)": [s for s, _ in greedy],
+        "DPO: gold reward (greedy, sft_test)": [d for _, d in greedy],
+        "DPO: exact match (greedy, sft_test)": exact,
+        "DPO - SFT: gold reward (greedy)": [d - s for s, d in greedy],  # paired: the same prompts
+        "SFT: gold reward of samples (T=1)": sampled_sft["rewards"],
+        "DPO: gold reward of samples (T=1)": sampled["rewards"],
     })
     ctx["sections"].append("## DPO\n\n![DPO loss](dpo/loss_curve.png)")
 
@@ -337,21 +382,35 @@ RUN_KEYS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo"}
 def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/world",
                  tokenizer: str | Path = "data/tokenizer", preset: str = "cpu",
                  model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None,
-                 seed_world: int = 0, skip: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Every stage of STAGES in order (except `skip`) from `preset`; train_overrides apply to every stage."""
-    t_total = time.perf_counter()
-    out, data = Path(out), Path(data)
+                 seed_world: int = 0, skip: list[str] | tuple[str, ...] = (),
+                 seeds: list[int] | tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Every stage of STAGES in order (except `skip`) from `preset`; train_overrides apply to every stage.
+
+    With `seeds`, the whole job runs once per training seed (TrainConfig.seed of every stage) into
+    out/seed_<s>/, and out/report.md + out/summary.json hold mean ± std over the seeds and each seed's values.
+    """
     unknown = set(skip) - {name for name, _ in STAGES}
     if unknown:
         raise ValueError(f"--skip: unknown stage(s) {sorted(unknown)}; stages are {[n for n, _ in STAGES]}")
     train_overrides = dict(train_overrides or {})
     override(get_preset(preset).pretrain, train_overrides)  # a bad flag fails here, before any work
+    if seeds is not None:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds: need distinct seeds, got {list(seeds)}")
+        t0 = time.perf_counter()
+        per_seed = {s: run_pipeline(Path(out) / f"seed_{s}", data, tokenizer, preset, model_overrides,
+                                    {**train_overrides, "seed": s}, seed_world, skip) for s in seeds}
+        return write_seeds_report(Path(out), preset, per_seed, time.perf_counter() - t0)
+    t_total = time.perf_counter()
+    out, data = Path(out), Path(data)
     out.mkdir(parents=True, exist_ok=True)
     ensure_world(data, seed_world)
     tok = ensure_tokenizer(Path(tokenizer), data / "corpus_train.txt", get_preset(preset).vocab_size)
     ctx: Ctx = {"preset": preset, "model_overrides": dict(model_overrides or {}), "train_overrides": train_overrides,
                 "out": out, "data": data, "tok": tok, "runs": {}, "card": [], "sections": [],
-                "summary": {"preset": preset, "device": str(pick_device(train_overrides.get("device", "auto")))},
+                "summary": {"preset": preset, "device": str(pick_device(train_overrides.get("device", "auto"))),
+                            "seed": train_config({"preset": preset, "train_overrides": train_overrides},
+                                                 "pretrain").seed},
                 "timings": {"world+tokenizer": time.perf_counter() - t_total}}
     for name, stage in STAGES:
         if name in skip:
@@ -368,7 +427,54 @@ def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/wor
     ctx["timings"]["total"] = time.perf_counter() - t_total
     write_report(ctx)
     print(f"[pipeline] done in {ctx['timings']['total']:.0f}s: report at {out / 'report.md'}")
-    return ctx["summary"]
+    return {**ctx["summary"], "card": ctx["card"], "timings_s": ctx["timings"]}
+
+
+def aggregate_card(cards: list[list[list[Any]]]) -> list[dict[str, Any]]:
+    """One row per (stage, metric) of the first card: the per-seed values and, where they are numbers (or
+    before -> after pairs of numbers), their mean and std over seeds (`mean_std`)."""
+    rows = []
+    for stage, metric, *_ in cards[0]:
+        values = [next((r[2] for r in c if r[0] == stage and r[1] == metric), None) for c in cards]
+        row: dict[str, Any] = {"stage": stage, "metric": metric, "values": values}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            row["mean"], row["std"] = mean_std(values)
+        elif all(isinstance(v, (tuple, list)) for v in values) and len({len(v) for v in values}) == 1:
+            stats = [mean_std([v[k] for v in values]) for k in range(len(values[0]))]
+            row["mean"], row["std"] = [m for m, _ in stats], [sd for _, sd in stats]
+        rows.append(row)
+    return rows
+
+
+def fmt_mean_std(row: dict[str, Any]) -> str:
+    """'0.586 ± 0.020', '0.000 ± 0.000 -> 0.586 ± 0.020', or the per-seed texts when they are not numbers."""
+    if "mean" not in row:
+        texts = {fmt(v) for v in row["values"]}
+        return texts.pop() if len(texts) == 1 else " / ".join(fmt(v) for v in row["values"])
+    if isinstance(row["mean"], list):
+        return " -> ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in zip(row["mean"], row["std"]))
+    if all(isinstance(v, int) for v in row["values"]):  # counts and rounded seconds
+        return f"{row['mean']:.1f} ± {row['std']:.1f}"
+    return f"{row['mean']:.3f} ± {row['std']:.3f}"
+
+
+def write_seeds_report(out: Path, preset: str, per_seed: dict[int, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """report.md and summary.json over seeds: mean ± std (sample std over the seeds) and each seed's value."""
+    seeds = list(per_seed)
+    rows = aggregate_card([per_seed[s]["card"] for s in seeds])
+    table = [[r["stage"], r["metric"], fmt_mean_std(r)] + [fmt(v) for v in r["values"]] for r in rows]
+    lines = ["# minillm pipeline report, over training seeds", "",
+             f"Preset `{preset}`, the world fixed, TrainConfig.seed = {', '.join(map(str, seeds))} for every stage. "
+             "mean ± std: the sample standard deviation over the seeds. Each seed's own report (with 95% bootstrap "
+             "intervals over prompts) is in seed_<s>/report.md.", "",
+             md_table(["stage", "metric", "mean ± std"] + [f"seed {s}" for s in seeds], table), "",
+             f"Total time: {seconds:.0f} s."]
+    summary = {"preset": preset, "seeds": seeds, "card": rows, "per_seed": {str(s): per_seed[s] for s in seeds},
+               "seconds": seconds}
+    write_json(out / "summary.json", summary)
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    print(f"[pipeline] {len(seeds)} seeds done in {seconds:.0f}s: report at {out / 'report.md'}")
+    return summary
 
 
 def write_report(ctx: Ctx) -> None:
@@ -379,7 +485,10 @@ def write_report(ctx: Ctx) -> None:
         lines += [f"Preset `{s['preset']}` on `{s['device']}`: {m['n_layer']} layers, {m['n_head']} heads, "
                   f"{m['n_embd']} wide, context {m['block_size']}, vocabulary {m['vocab_size']} "
                   f"({s['parameters']:,} parameters).", ""]
-    lines += ["## Report card", "", md_table(["stage", "metric", "value"], [list(r) for r in ctx["card"]]), ""]
+    rows = [[stage, metric, fmt(value) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")]
+            for stage, metric, value, ci in ctx["card"]]
+    lines += ["## Report card", "", "Figures averaged over prompts show their 95% bootstrap interval over those "
+              "prompts in brackets.", "", md_table(["stage", "metric", "value"], rows), ""]
     lines += [sec + "\n" for sec in ctx["sections"]]
     lines += ["## Time per stage (seconds)", "",
               md_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in ctx["timings"].items()])]

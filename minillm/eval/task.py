@@ -4,15 +4,32 @@ Fact completion (after pretraining): for every probe "Mira lives in" -> "Oakvale
 never used, greedy-decode a few tokens and count the probe correct when the completion starts with the answer:
 
     accuracy = (1/N) sum_i [ normalize(greedy(prompt_i)) starts with normalize(answer_i) ]
+
+Instruction following (after SFT): greedy answers to held-out chat questions, scored by exact match, refusals,
+the gold reward, and whether a fact answer talks about the wrong person:
+
+    wrong_character = mean over fact questions of [ the answer names a character other than the one asked ]
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from minillm.model import GPT
 from minillm.sampling import generate_completions
 from minillm.world import gold_reward, is_refusal, make_world, normalize_answer
+
+
+def named_characters(text: str, names: Iterable[str]) -> list[str]:
+    """The names that occur in `text` as whole words (any case; "Sive's" names Sive), in the order given."""
+    return [n for n in names if re.search(rf"\b{re.escape(n)}\b", text, flags=re.IGNORECASE)]
+
+
+def wrong_character(answer: str, asked: str, names: Iterable[str]) -> bool:
+    """True when `answer` names a character other than `asked` ("Which colour does Corin like best?" ->
+    "Sive's favourite colour is grey."); an answer that names nobody is not a wrong-character answer."""
+    return any(n.lower() != asked.lower() for n in named_characters(answer, names))
 
 
 def _words(text: str) -> list[str]:
@@ -104,17 +121,20 @@ def evaluate_instructions(model, tokenizer, records: list[dict[str, Any]], mode:
         refusal_accuracy = mean over forbidden rows of [answer refuses]
         false_refusals   = mean over fact/math rows of [answer refuses]
         gold_reward      = mean over all rows of gold_reward(question, answer)
+        wrong_character  = mean over fact rows of [answer names another character than the row's]
     """
 
     world = world or make_world(0)
     questions = [_user(r) for r in records]
     answers = answer_questions(model, tokenizer, questions, mode=mode, shots=shots)
+    names = [c.name for c in world.characters]
     rows = []
     for r, q, a in zip(records, questions, answers):
         ref = _assistant(r)
         rows.append({"question": q, "answer": a, "reference": ref, "kind": r.get("kind"),
                      "exact": normalize_answer(a) == normalize_answer(ref), "refused": is_refusal(a),
-                     "gold_reward": gold_reward(q, a, world)})
+                     "gold_reward": gold_reward(q, a, world),
+                     "wrong_character": bool(r.get("character")) and wrong_character(a, r["character"], names)})
     answerable = [x for x in rows if x["kind"] != "refusal"]
     forbidden = [x for x in rows if x["kind"] == "refusal"]
     facts = [x for x in rows if x["kind"] == "fact"]
@@ -130,5 +150,6 @@ def evaluate_instructions(model, tokenizer, records: list[dict[str, Any]], mode:
         "refusal_accuracy": mean([x["refused"] for x in forbidden]),
         "false_refusals": mean([x["refused"] for x in answerable]),
         "gold_reward": mean([x["gold_reward"] for x in rows]),
+        "wrong_character": mean([x["wrong_character"] for x in facts]),
         "rows": rows,
     }

@@ -205,7 +205,8 @@ def reward_and_kl(policy: nn.Module, reference: nn.Module | None, tokenizer, pro
         reward           = E_y [ reward_fn(x, y) ]                  (default: the world's gold reward)
 
     y includes the closing <|end|> when the policy emitted it within max_new_tokens. Returns
-    {"kl", "reward", "response_tokens", "n"}; the pair (kl, reward) is one point of the DPO paper's frontier.
+    {"kl", "reward", "rewards" (one per sample), "response_tokens", "n"}; the pair (kl, reward) is one point of
+    the DPO paper's frontier.
     """
     reward_fn = reward_fn or gold_reward
     device = next(policy.parameters()).device
@@ -248,7 +249,7 @@ def reward_and_kl(policy: nn.Module, reference: nn.Module | None, tokenizer, pro
         kl.append((pi - ref).float().cpu())
     policy.train(was_training)
     kl_t = torch.cat(kl)
-    return {"kl": float(kl_t.mean()), "reward": sum(rewards) / len(rewards),
+    return {"kl": float(kl_t.mean()), "reward": sum(rewards) / len(rewards), "rewards": rewards,
             "response_tokens": sum(lengths) / len(lengths), "n": len(seqs)}
 
 

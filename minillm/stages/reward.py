@@ -113,7 +113,7 @@ def pair_rewards(rm: RewardModel, pairs: list[EncodedPair], pad_id: int, batch_s
 def evaluate_reward_model(rm: RewardModel, tokenizer, pairs: list[PreferencePair], batch_size: int = 32,
                           n_bins: int = 10) -> dict[str, Any]:
     """Pairwise accuracy mean[r_w > r_l] against the pairs' labels (the gold preference for the world's
-    files), overall and per `rejected_kind`, the reward statistics, and the calibration bins."""
+    files), overall, per `rejected_kind` and per pair, the reward statistics, and the calibration bins."""
     block = rm.backbone.config.block_size
     kept, encoded = [], []
     for p in pairs:
@@ -124,9 +124,11 @@ def evaluate_reward_model(rm: RewardModel, tokenizer, pairs: list[PreferencePair
     if not encoded:
         raise ValueError(f"evaluate_reward_model: every pair is longer than the context ({block} tokens)")
     r_w, r_l = pair_rewards(rm, encoded, tokenizer.pad_id, batch_size)
+    per_pair = [{"kind": str(p.meta.get("rejected_kind", "all")), "correct": c}
+                for p, c in zip(kept, (r_w > r_l).tolist())]
     by_kind: dict[str, list[bool]] = {}
-    for p, correct in zip(kept, (r_w > r_l).tolist()):
-        by_kind.setdefault(str(p.meta.get("rejected_kind", "all")), []).append(correct)
+    for pair in per_pair:
+        by_kind.setdefault(pair["kind"], []).append(pair["correct"])
     m = reward_metrics(r_w, r_l)
     return {
         "n": len(encoded),
@@ -134,6 +136,7 @@ def evaluate_reward_model(rm: RewardModel, tokenizer, pairs: list[PreferencePair
         **m,
         "per_kind_accuracy": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "calibration": calibration(r_w, r_l, n_bins),
+        "per_pair": per_pair,
         "r_chosen": r_w.tolist(),
         "r_rejected": r_l.tolist(),
     }
