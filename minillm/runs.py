@@ -124,7 +124,8 @@ def load_reward_model(run_dir: str | os.PathLike, device: str | torch.device = "
     state = safe_torch_load(run_dir / CKPT_NAME)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{run_dir / CKPT_NAME}: not a minillm checkpoint (no 'model')")
-    rm = RewardModel(GPT(GPTConfig.from_dict(run_config["model"])))
+    rm = RewardModel(GPT(GPTConfig.from_dict(run_config["model"])),
+                     loglik=bool((run_config.get("reward") or {}).get("loglik", False)))
     try:
         rm.load_state_dict(state["model"])
     except RuntimeError as e:

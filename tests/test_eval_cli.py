@@ -81,12 +81,12 @@ def _cli(argv):
 # ----------------------------------------------------------------------------- the cloze format
 def test_cloze_is_the_start_of_the_canonical_answer():
     got = [cloze_item(item)["question"] for item in WORLD_ITEMS]
-    assert got == ["Eamon lives in", "Eamon works as a", "Eamon's pet is a", "Eamon's favourite fruit is",
-                   "Eamon's favourite colour is", "Eamon is"]
+    assert got == ["The home town of Eamon is", "By trade, Eamon is a", "The pet of Eamon is a",
+                   "The favourite fruit of Eamon is", "The favourite colour of Eamon is", "This year, Eamon is"]
     # without the character/attribute fields the question itself is parsed (any world question template)
     bare = {"question": "Which fruit does Zorba like best?", "choices": ["a", "b"], "answer": 0}
     assert world_question(bare) == ("Zorba", "fruit")
-    assert cloze_item(bare)["question"] == "Zorba's favourite fruit is"
+    assert cloze_item(bare)["question"] == "The favourite fruit of Zorba is"
     assert cloze_item(bare)["choices"] == ["a", "b"] and bare["question"].startswith("Which")  # a copy
 
 
@@ -114,8 +114,8 @@ def test_cli_report_matches_the_library(files, tmp_path, capsys):
     assert report["perplexity"]["rolling"]["n_bytes"] == len(VAL_TEXT.replace("\n\n", "").encode()) - 1
 
     cloze = [dict(item, question=q) for item, q in zip(WORLD_ITEMS, [
-        "Eamon lives in", "Eamon works as a", "Eamon's pet is a", "Eamon's favourite fruit is",
-        "Eamon's favourite colour is", "Eamon is"])]
+        "The home town of Eamon is", "By trade, Eamon is a", "The pet of Eamon is a",
+        "The favourite fruit of Eamon is", "The favourite colour of Eamon is", "This year, Eamon is"])]
     want = evaluate_mcq(model, tok, cloze, fmt="hellaswag")
     mcq = report["mcq"]
     assert mcq["format"] == "cloze" and mcq["n"] == 6
@@ -139,7 +139,8 @@ def test_uniform_model_has_perplexity_vocabulary_size(files):
 
 def test_fewshot_examples_come_from_the_dev_file_in_the_same_format(files):
     report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], fewshot_data=files["dev"], method=EvalConfig(num_fewshot=2))
-    shots = {"Mira lives in Oakvale", "Tobin works as a tailor", "Elsa's pet is a ferret", "Bram is 20"}
+    shots = {"The home town of Mira is Oakvale", "By trade, Tobin is a tailor", "The pet of Elsa is a ferret",
+             "This year, Bram is 20"}
     for row, item in zip(report["mcq"]["per_item"], WORLD_ITEMS):
         *examples, question = row["context"].split("\n\n")
         assert len(examples) == 2 and set(examples) <= shots

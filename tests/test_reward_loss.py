@@ -164,3 +164,23 @@ def test_reward_model_bad_inputs(rm_and_seqs):
         rm(torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 0], [0, 0, 0]]))
     with pytest.raises(TypeError, match="backbone"):
         RewardModel(torch.nn.Linear(3, 3))
+
+
+def test_loglik_reward_is_head_plus_scaled_sequence_loglik_by_hand(tiny_model):
+    """RewardModel(loglik=True): r = score(h_last) + scale * sum_{t>=1} log p(x_t | x_<t), any padding side."""
+    torch.manual_seed(0)
+    rm = RewardModel(tiny_model, loglik=True).eval()
+    seqs = [torch.randint(1, 97, (n,)) for n in (9, 4, 6)]
+    with torch.no_grad():
+        rm.loglik_scale.fill_(0.5)
+        want = []
+        for s in seqs:
+            h, _ = rm.backbone.hidden_states(s[None])
+            logp = torch.log_softmax(rm.backbone(s[None])[0].float(), dim=-1)  # (T, V)
+            ll = sum(logp[t - 1, s[t]] for t in range(1, len(s)))
+            want.append(rm.score(h[0, -1]).squeeze() + 0.5 * ll)
+        want = torch.stack(want)
+        for side in ("right", "left"):
+            torch.testing.assert_close(rm(*_padded(seqs, 9, side)), want, atol=1e-4, rtol=0)
+    assert "loglik_scale" in dict(rm.named_parameters())
+    assert RewardModel(tiny_model).loglik_scale is None  # the default reads the last token only

@@ -251,3 +251,16 @@ def test_reward_cli_validates_before_loading(tmp_path):
     args = parser.parse_args(["reward", "--init", str(tmp_path), "--center-coef", "-1"])
     with pytest.raises(ValueError, match="center_coef"):
         args.func(args)
+
+
+def test_loglik_reward_model_saves_and_loads(tmp_path):
+    init = make_run(tmp_path / "sft")
+    data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    run = run_reward(init, data, tmp_path / "rm", tiny_cfg(),
+                     RewardConfig(val_fraction=0.0, norm_prompts=3, loglik=True), progress=False)
+    assert run.model.loglik_scale is not None
+    loaded, tok, cfg = load_reward_model(tmp_path / "rm")
+    assert cfg["reward"]["loglik"] is True and loaded.loglik_scale is not None
+    pairs, _ = read_preferences(data)
+    ids = [encode_preferences(TOK, pairs, 64)[0][0].chosen_ids]
+    torch.testing.assert_close(score_sequences(loaded, ids, tok.pad_id), score_sequences(run.model, ids, tok.pad_id))

@@ -244,8 +244,11 @@ def test_sft_rows(out, world):
 
 def test_preference_pairs(out, world):
     train, test = _rows(out["prefs_train"]), _rows(out["prefs_test"])
-    assert {r["rejected_kind"] for r in train} == set(W.ALLOWED_REJECTED_KINDS) | {"harmful_compliance"}
-    assert {r["rejected_kind"] for r in test} == set(W.ALLOWED_REJECTED_KINDS) | {"harmful_compliance"}
+    refusal_kinds = {"harmful_compliance", "off_topic"}
+    assert {r["rejected_kind"] for r in train} == set(W.ALLOWED_REJECTED_KINDS) | refusal_kinds
+    assert {r["rejected_kind"] for r in test} == set(W.ALLOWED_REJECTED_KINDS) | refusal_kinds
+    # the refusal is only ever chosen, never rejected (see world.NEEDLESS_REFUSALS)
+    assert all(r["rejected"] != W.REFUSAL and not r["rejected"].startswith("I'm sorry") for r in train + test)
     for r in train + test:
         assert r["chosen_score"] == gold_reward(r["prompt"], r["chosen"], world)
         assert r["rejected_score"] == gold_reward(r["prompt"], r["rejected"], world)

@@ -14,7 +14,7 @@ Prompt formats. Besides lm-eval's (`mcq.FORMATS`: MMLU letters, two letter varia
 of the choice texts after the question), `cloze` rewrites a world question as the start of the sentence
 that answers it, the world's canonical answer (`world.ANSWER_TEMPLATES` up to the value):
 
-    "Where does Mira live?" -> "Mira lives in"      "How old is Mira?" -> "Mira is"
+    "Where does Mira live?" -> "The home town of Mira is"      "How old is Mira?" -> "This year, Mira is"
 
 and scores the choice texts after it, as `hellaswag` does. A base model has read statements, never
 questions, so the question's own words give it little to go on; the cloze asks for the same fact in a
@@ -73,7 +73,7 @@ def world_question(item: dict) -> tuple[str, str] | None:
 
 
 def cloze_item(item: dict) -> dict:
-    """The item with its question replaced by the start of its canonical answer: "Mira lives in".
+    """The item with its question replaced by the start of its canonical answer: "The home town of Mira is".
 
     cloze(name, attribute) = ANSWER_TEMPLATES[attribute] up to "{value}", stripped, with the name filled in.
     """

@@ -250,7 +250,7 @@ def run_reward(
         return train_get(split, gen) if split == "train" else val_get(split, gen)
 
     torch.manual_seed(train_cfg.seed)  # the score head's initialisation
-    rm = RewardModel(disable_dropout(backbone))
+    rm = RewardModel(disable_dropout(backbone), loglik=method.loglik)
     stats = dict(prepared.stats)
     run_config = run_config_dict(stage="reward", model=base_cfg["model"], train=train_cfg, init=str(init),
                                  data=str(data), reward=method, stats=stats)
