@@ -138,7 +138,8 @@ def test_uniform_model_has_perplexity_vocabulary_size(files):
 
 
 def test_fewshot_examples_come_from_the_dev_file_in_the_same_format(files):
-    report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], fewshot_data=files["dev"], method=EvalConfig(num_fewshot=2))
+    report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], fewshot_data=files["dev"],
+                          method=EvalConfig(num_fewshot=2))
     shots = {"The home town of Mira is Oakvale", "By trade, Tobin is a tailor", "The pet of Elsa is a ferret",
              "This year, Bram is 20"}
     for row, item in zip(report["mcq"]["per_item"], WORLD_ITEMS):
@@ -150,7 +151,8 @@ def test_fewshot_examples_come_from_the_dev_file_in_the_same_format(files):
 def test_robustness_and_contamination(files, tmp_path):
     leaked = tmp_path / "leaked.txt"  # item 0 leaked with other punctuation; item 1 only as a fact statement
     leaked.write_text("Q: where does Eamon live, Lindenfall.\n\nEamon works as a weaver.\n")
-    report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], contamination=leaked, method=EvalConfig(robustness=True))
+    report = evaluate_run(files["run"], ppl=None, mcq=files["mcq"], contamination=leaked,
+                          method=EvalConfig(robustness=True))
     c = report["contamination"]
     assert [r["contaminated"] for r in c["per_item"]] == [True] + [False] * 5
     assert c["n"] == 4 and c["threshold"] == 0.7

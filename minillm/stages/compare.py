@@ -565,7 +565,8 @@ def qlora_verdict(rows: Sequence[dict[str, Any]]) -> str | None:
         return None
     q, lo = by["qlora"], by["lora"]
     gap = 100 * (q["exact_match"] - lo["exact_match"])
-    line = f"QLoRA - LoRA exact match: {gap:+.1f} points ({'within' if abs(gap) <= 5 else 'NOT within'} the 5-point target)"
+    within = "within" if abs(gap) <= 5 else "NOT within"
+    line = f"QLoRA - LoRA exact match: {gap:+.1f} points ({within} the 5-point target)"
     if lo["exact_match"] == 0:
         line += "; LoRA itself scores 0 here, so exact match cannot tell them apart: compare the val loss"
     if q["val_loss"] is not None and lo["val_loss"]:
