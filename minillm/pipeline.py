@@ -393,7 +393,7 @@ def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/wor
     if unknown:
         raise ValueError(f"--skip: unknown stage(s) {sorted(unknown)}; stages are {[n for n, _ in STAGES]}")
     train_overrides = dict(train_overrides or {})
-    override(get_preset(preset).pretrain, train_overrides)  # a bad flag fails here, before any work
+    seed = override(get_preset(preset).pretrain, train_overrides).seed  # a bad flag fails here, before any work
     if seeds is not None:
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"--seeds: need distinct seeds, got {list(seeds)}")
@@ -409,8 +409,7 @@ def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/wor
     ctx: Ctx = {"preset": preset, "model_overrides": dict(model_overrides or {}), "train_overrides": train_overrides,
                 "out": out, "data": data, "tok": tok, "runs": {}, "card": [], "sections": [],
                 "summary": {"preset": preset, "device": str(pick_device(train_overrides.get("device", "auto"))),
-                            "seed": train_config({"preset": preset, "train_overrides": train_overrides},
-                                                 "pretrain").seed},
+                            "seed": seed},
                 "timings": {"world+tokenizer": time.perf_counter() - t_total}}
     for name, stage in STAGES:
         if name in skip:
