@@ -362,7 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-gib", type=float, default=16.0, help="GPU memory for the 'fits' column")
     p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser("pipeline", help="the main job: every stage in order, a report card at the end")
+    p = sub.add_parser("pipeline", help="the main job: every stage in order, a report card at the end",
+                       description="Every stage in order (world, tokenizer, pretraining, SFT and its experiments, "
+                                   "reward model, DPO, evaluation) and a report card. A TrainConfig flag applies "
+                                   "to every stage; the defaults shown are pretraining's, each stage has its own "
+                                   "in the preset.")
     add_training_flags(p)
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
