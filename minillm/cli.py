@@ -96,14 +96,6 @@ def collect_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
-def resolve_configs(args: argparse.Namespace, vocab_size: int) -> tuple[GPTConfig, TrainConfig]:
-    """Preset, then the flags the user gave; the vocabulary always comes from the tokenizer."""
-    preset = get_preset(args.preset)
-    model_cfg = override(preset.model, {**collect_overrides(args, GPTConfig), "vocab_size": vocab_size})
-    train_cfg = override(preset.pretrain, collect_overrides(args, TrainConfig))
-    return model_cfg, train_cfg
-
-
 def stage_train_config(args: argparse.Namespace, stage: str) -> TrainConfig:
     """The preset's TrainConfig for a fine-tuning stage with the user's --flag overrides."""
     return override(getattr(get_preset(args.preset), stage), collect_overrides(args, TrainConfig))
@@ -173,9 +165,10 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    tok = Tokenizer.load(args.tokenizer)
-    model_cfg, train_cfg = resolve_configs(args, tok.vocab_size)
-    _print_run(run_pretrain(args.tokenizer, args.data, args.out, train_cfg, model_cfg, resume=args.resume))
+    # run_pretrain takes the vocabulary size from the tokenizer
+    model_cfg = override(get_preset(args.preset).model, collect_overrides(args, GPTConfig))
+    _print_run(run_pretrain(args.tokenizer, args.data, args.out, stage_train_config(args, "pretrain"), model_cfg,
+                            resume=args.resume))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

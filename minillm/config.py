@@ -63,6 +63,15 @@ def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+def _check_choices(obj: Any) -> None:
+    """Every str field declared with `knob(..., choices)` holds one of its choices."""
+    for f in fields(obj):
+        choices = f.metadata.get("choices")
+        if choices and getattr(obj, f.name) not in choices:
+            raise ValueError(f"{type(obj).__name__}.{f.name} must be one of {list(choices)}, "
+                             f"got {getattr(obj, f.name)!r}")
+
+
 def _check_fraction(owner: str, name: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
     if not (isinstance(value, (int, float)) and low <= value < high):
         raise ValueError(f"{owner}.{name} must be in [{low}, {high}), got {value!r}")
@@ -81,10 +90,7 @@ class SFTConfig:
                             ("new", "all"))
 
     def __post_init__(self) -> None:
-        if self.loss_on not in ("response", "all"):
-            raise ValueError(f"SFTConfig.loss_on must be 'response' or 'all', got {self.loss_on!r}")
-        if self.embeddings not in ("new", "all"):
-            raise ValueError(f"SFTConfig.embeddings must be 'new' or 'all', got {self.embeddings!r}")
+        _check_choices(self)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"SFTConfig.limit must be >= 1, got {self.limit}")
         _check_fraction("SFTConfig", "val_fraction", self.val_fraction)
@@ -169,13 +175,9 @@ class EvalConfig:
     batch_size: int = knob(32, "sequences per forward pass")
 
     def __post_init__(self) -> None:
-        choices = ("auto", "cloze", *FORMATS)
-        if self.format not in choices:
-            raise ValueError(f"EvalConfig.format must be one of {list(choices)}, got {self.format!r}")
+        _check_choices(self)
         if isinstance(self.num_fewshot, bool) or not isinstance(self.num_fewshot, int) or self.num_fewshot < 0:
             raise ValueError(f"EvalConfig.num_fewshot must be a non-negative integer, got {self.num_fewshot!r}")
-        if self.sampler not in ("random", "first_n"):
-            raise ValueError(f"EvalConfig.sampler must be 'random' or 'first_n', got {self.sampler!r}")
         if self.contamination_n < 1 or self.batch_size < 1:
             raise ValueError("EvalConfig: contamination_n and batch_size must be >= 1")
         _check_fraction("EvalConfig", "contamination_threshold", self.contamination_threshold, 0.0, 1.0 + 1e-12)
@@ -193,8 +195,7 @@ class Preset:
     vocab_size: int = 1024
     sft_method: SFTConfig = field(default_factory=SFTConfig)
     reward_method: RewardConfig = field(default_factory=RewardConfig)
-    # Plain DPO unlearns the world's refusals (the refusal sentence is a rejected "needless refusal" in more
-    # pairs than it is chosen); the RPO term and a small step keep them (lesson 6, section 9).
+    # The RPO term keeps the chosen answers likely while DPO widens their margin (lesson 6, section 9).
     dpo_method: DPOConfig = field(default_factory=lambda: DPOConfig(rpo_alpha=1.0))
     pairs_method: PairsConfig = field(default_factory=PairsConfig)
 
