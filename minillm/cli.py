@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from minillm.config import (
-    PRESETS, DPOConfig, EvalConfig, PairsConfig, RewardConfig, SFTConfig, TrainConfig, get_preset, override,
+    PRESETS, DPOConfig, EvalConfig, GRPOConfig, PairsConfig, PPOConfig, RewardConfig, SFTConfig, TrainConfig,
+    get_preset, override,
 )
 from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
 from minillm.model import GPTConfig
@@ -30,7 +31,9 @@ from minillm.sampling import generate_completions
 from minillm.stages import compare
 from minillm.stages.dpo import run_dpo
 from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
+from minillm.stages.grpo import run_grpo
 from minillm.stages.pairs import run_pairs
+from minillm.stages.ppo import run_ppo
 from minillm.stages.pretrain import run_pretrain
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
@@ -41,7 +44,8 @@ from minillm.world import write_world
 DEFAULT_DATA = "data/world"
 DEFAULT_TOKENIZER = "data/tokenizer"
 # The stages whose knobs live in a method dataclass of the preset (`Preset.method(stage)`).
-METHOD_CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "pairs": PairsConfig}
+METHOD_CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "pairs": PairsConfig, "ppo": PPOConfig,
+                  "grpo": GRPOConfig}
 
 
 # ----------------------------------------------------------------------------- flags from dataclasses
@@ -240,6 +244,25 @@ def cmd_dpo(args: argparse.Namespace) -> None:
                        peft=peft_spec(args), test=args.test or None, resume=args.resume))
 
 
+def cmd_ppo(args: argparse.Namespace) -> None:
+    _print_run(run_ppo(args.init, args.reward, args.data, args.out, stage_train_config(args, "ppo"),
+                       stage_method(args, "ppo"), peft=peft_spec(args)))
+
+
+def cmd_grpo(args: argparse.Namespace) -> None:
+    _print_run(run_grpo(args.init, args.reward, args.data, args.out, stage_train_config(args, "grpo"),
+                        stage_method(args, "grpo"), peft=peft_spec(args)))
+
+
+def add_rl_paths(p: argparse.ArgumentParser, out: str) -> None:
+    """--init (the chat policy), --reward (the reward model), --data (the prompts) and --out of PPO and GRPO."""
+    p.add_argument("--init", default="runs/sft", help="run directory of the chat policy (SFT); also the reference")
+    p.add_argument("--reward", default="runs/rm", help="run directory of the reward model (`minillm reward`)")
+    p.add_argument("--data", default=f"{DEFAULT_DATA}/sft_train.jsonl",
+                   help="prompts: JSONL with a 'prompt' field, or chats (the prompt is everything before the answer)")
+    p.add_argument("--out", default=out)
+
+
 def cmd_pairs(args: argparse.Namespace) -> None:
     stats = run_pairs(args.policy, args.prompts, args.out, stage_method(args, "pairs"), scorer=args.scorer,
                       device=args.device)
@@ -315,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
                   PREFS_HELP, "runs/dpo",
                   test_help="held-out preference JSONL for the implicit-reward accuracy ('' to skip)")
     p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser(
+        "ppo", help="RLHF: clipped PPO with a KL penalty against a reward model (lesson 5)",
+        description="Sample responses to the prompts, score them with the reward model, and update the policy with "
+                    "PPO's clipped objective; per-token reward -beta KL(pi || pi_ref) plus the score at the last "
+                    "token, GAE advantages from a value head (shared trunk, or --critic separate).")
+    add_stage_flags(p, "ppo", peft=True)
+    add_rl_paths(p, "runs/ppo")
+    p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser(
+        "grpo", help="GRPO: PPO without a critic, group-normalised rewards (lesson 5)",
+        description="Sample --group-size responses per prompt, advantage = (r - group mean) / group std, "
+                    "clipped policy loss (+ beta k3 KL); no value model.")
+    add_stage_flags(p, "grpo", peft=True)
+    add_rl_paths(p, "runs/grpo")
+    p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser(
         "pairs", help="sample N responses per prompt, score them, write best/worst as preference pairs",

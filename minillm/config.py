@@ -1,9 +1,9 @@
 """Run configuration: dataclasses and the named presets (`tiny` for tests, `cpu` default, `gpu`).
 
 A preset fills `GPTConfig` (the network), one `TrainConfig` (the optimisation) per stage, and one method
-dataclass per stage (`SFTConfig`, `RewardConfig`, `DPOConfig`, `PairsConfig`): the knobs of an algorithm are
-spelled once, as fields here (and `EvalConfig` for the `eval` command, which no preset changes). The command
-line turns every field into a flag (`--n-layer 6 --lr 1e-3 --beta 0.2`) whose default is the preset's value,
+dataclass per stage (`SFTConfig`, `RewardConfig`, `DPOConfig`, `PairsConfig`, `PPOConfig`, `GRPOConfig`): the
+knobs of an algorithm are spelled once, as fields here (and `EvalConfig` for the `eval` command, which no
+preset changes). The command line turns every field into a flag (`--n-layer 6 --lr 1e-3 --beta 0.2`) whose default is the preset's value,
 and every run writes the resolved configs next to its outputs.
 The vocabulary size is not a preset field: it always comes from the tokenizer.
 """
@@ -21,7 +21,7 @@ from minillm.model import GPTConfig
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings shared by every stage (pretraining, SFT, reward model, DPO)."""
+    """Optimisation settings shared by every stage (pretraining, SFT, reward model, DPO, PPO, GRPO)."""
 
     max_steps: int = 1000
     batch_size: int = 32
@@ -156,6 +156,113 @@ class PairsConfig:
                              f"got {self.temperature}, {self.max_new_tokens}")
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _check_range(owner: str, name: str, value: Any, low: float, high: float | None = None,
+                 open_low: bool = False) -> None:
+    """value is a finite number in [low, high] ((low, high] with open_low); high None: no upper bound."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and (high is None or value <= high)
+    if not ok:
+        bounds = f"{'(' if open_low else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+        raise ValueError(f"{owner}.{name} must be a number in {bounds}, got {value!r}")
+
+
+@dataclass
+class RolloutConfig:
+    """What PPO and GRPO share: how responses are sampled from the policy and scored by the reward model."""
+
+    temperature: float = knob(0.7, "sampling temperature of the rollouts (log-probs use logits / temperature)")
+    max_new_tokens: int = knob(53, "longest response, in tokens (TRL: response_length)")
+    missing_eos_penalty: float | None = knob(None, "subtracted from the score of a response that never emits <|end|>")
+    prompt_limit: int | None = knob(None, "use only the first N prompts of the data file")
+
+    def _check_rollout(self, owner: str) -> None:
+        _check_range(owner, "temperature", self.temperature, 0.0, open_low=True)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"{owner}.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if self.missing_eos_penalty is not None:
+            _check_range(owner, "missing_eos_penalty", self.missing_eos_penalty, 0.0)
+        if self.prompt_limit is not None and self.prompt_limit < 1:
+            raise ValueError(f"{owner}.prompt_limit must be >= 1, got {self.prompt_limit}")
+
+
+@dataclass
+class PPOConfig(RolloutConfig):
+    """Clipped PPO with a KL penalty (`minillm.stages.ppo.run_ppo`; TRL's PPO names and defaults).
+
+    One rollout samples TrainConfig.batch_size prompts; each rollout then gives num_ppo_epochs x num_minibatches
+    optimiser steps, and TrainConfig.max_steps counts optimiser steps.
+    """
+
+    kl_coef: float = knob(0.05, "beta of the per-token KL penalty r_t = -beta KL_t (the start value when adaptive)")
+    target_kl: float | None = knob(None, "adaptive controller: steer the per-response KL toward this (Ziegler et al.)")
+    kl_horizon: int = knob(10000, "adaptive controller horizon (TRL v0.11: 10000)")
+    kl_estimator: str = knob("k1", "per-token KL estimator (k1 = log p - log p_ref)", KL_ESTIMATORS)
+    cliprange: float = knob(0.2, "epsilon of the clipped ratio")
+    cliprange_value: float = knob(0.2, "how far a value may move from its rollout value before its loss is clipped")
+    vf_coef: float = knob(0.1, "weight of the value loss")
+    gamma: float = knob(1.0, "discount")
+    lam: float = knob(0.95, "GAE lambda")
+    num_ppo_epochs: int = knob(4, "passes over each rollout batch")
+    num_minibatches: int = knob(1, "minibatches per pass (one optimiser step each)")
+    critic: str = knob("shared", "shared: a value head on the policy's trunk; separate: a critic initialised "
+                                 "from the reward model", ("shared", "separate"))
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        self._check_rollout("PPOConfig")
+        _check_range("PPOConfig", "kl_coef", self.kl_coef, 0.0)
+        if self.target_kl is not None:
+            _check_range("PPOConfig", "target_kl", self.target_kl, 0.0, open_low=True)
+        for name in ("cliprange", "cliprange_value"):
+            if not (isinstance(getattr(self, name), (int, float)) and 0 < getattr(self, name) < 1):
+                raise ValueError(f"PPOConfig.{name} must be in (0, 1), got {getattr(self, name)!r}")
+        _check_range("PPOConfig", "vf_coef", self.vf_coef, 0.0)
+        for name in ("gamma", "lam"):
+            _check_range("PPOConfig", name, getattr(self, name), 0.0, 1.0)
+        for name in ("kl_horizon", "num_ppo_epochs", "num_minibatches"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"PPOConfig.{name} must be an int >= 1, got {v!r}")
+
+
+@dataclass
+class GRPOConfig(RolloutConfig):
+    """Group Relative Policy Optimization (`minillm.stages.grpo.run_grpo`; TRL's GRPO names and defaults).
+
+    One rollout samples TrainConfig.batch_size responses: batch_size / group_size prompts, group_size each.
+    """
+
+    temperature: float = knob(1.0, "sampling temperature of the rollouts (TRL's GRPO default 1.0)")
+    group_size: int = knob(8, "responses per prompt (TRL: num_generations)")
+    epsilon: float = knob(0.2, "lower clip epsilon (and the upper one unless epsilon_high is set)")
+    epsilon_high: float | None = knob(None, "upper clip epsilon (DAPO's clip-higher); None: epsilon")
+    beta: float = knob(0.0, "k3 KL penalty in the loss (TRL 0.0; DeepSeekMath 0.04)")
+    loss_type: str = knob("grpo", "token aggregation of the loss", ("grpo", "bnpo", "dr_grpo", "dapo"))
+    scale_rewards: str = knob("group", "divide advantages by the group std, the batch std, or nothing",
+                              ("group", "batch", "none"))
+    num_iterations: int = knob(1, "passes over each rollout batch (TRL: num_iterations)")
+    num_minibatches: int = knob(1, "minibatches per pass (one optimiser step each)")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        self._check_rollout("GRPOConfig")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"GRPOConfig.group_size must be an int >= 2 (advantages compare a group), "
+                             f"got {self.group_size!r}")
+        if not (isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < 1):
+            raise ValueError(f"GRPOConfig.epsilon must be in (0, 1), got {self.epsilon!r}")
+        if self.epsilon_high is not None:
+            _check_range("GRPOConfig", "epsilon_high", self.epsilon_high, 0.0, open_low=True)
+        _check_range("GRPOConfig", "beta", self.beta, 0.0)
+        for name in ("num_iterations", "num_minibatches"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GRPOConfig.{name} must be an int >= 1, got {v!r}")
+
+
 @dataclass
 class EvalConfig:
     """Evaluation knobs (`minillm.stages.evaluate.evaluate_run`; lm-evaluation-harness's defaults)."""
@@ -198,9 +305,18 @@ class Preset:
     # The RPO term keeps the chosen answers likely while DPO widens their margin (lesson 6, section 9).
     dpo_method: DPOConfig = field(default_factory=lambda: DPOConfig(rpo_alpha=1.0))
     pairs_method: PairsConfig = field(default_factory=PairsConfig)
+    # RLHF: TrainConfig.batch_size is prompts per rollout (PPO) or responses per rollout (GRPO).
+    ppo: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=64, batch_size=32, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0, eval_interval=0,
+        eval_iters=1, log_interval=4))
+    ppo_method: PPOConfig = field(default_factory=lambda: PPOConfig(max_new_tokens=32, missing_eos_penalty=1.0))
+    grpo: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=32, batch_size=64, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0, eval_interval=0,
+        eval_iters=1, log_interval=2))
+    grpo_method: GRPOConfig = field(default_factory=lambda: GRPOConfig(max_new_tokens=32, missing_eos_penalty=1.0))
 
     def method(self, stage: str) -> Any:
-        """The method dataclass of `stage` ("sft", "reward", "dpo", "pairs")."""
+        """The method dataclass of `stage` ("sft", "reward", "dpo", "pairs", "ppo", "grpo")."""
         return getattr(self, f"{stage}_method")
 
 
@@ -216,6 +332,12 @@ PRESETS: dict[str, Preset] = {
                            eval_interval=15, eval_iters=2, log_interval=5),
         dpo=TrainConfig(max_steps=30, batch_size=16, lr=1e-4, min_lr=1e-5, warmup_steps=3, weight_decay=0.0,
                         eval_interval=15, eval_iters=2, log_interval=5),
+        ppo=TrainConfig(max_steps=8, batch_size=8, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0,
+                        eval_interval=0, eval_iters=1, log_interval=4),
+        ppo_method=PPOConfig(max_new_tokens=16, missing_eos_penalty=1.0),
+        grpo=TrainConfig(max_steps=4, batch_size=8, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0,
+                         eval_interval=0, eval_iters=1, log_interval=2),
+        grpo_method=GRPOConfig(group_size=4, max_new_tokens=16, missing_eos_penalty=1.0),
     ),
     # The default: the whole pipeline in minutes on a 2-core laptop CPU.
     # reward_method loglik: the last-token head alone stays at chance on held-out wrong facts (align/reward.py).
@@ -246,6 +368,13 @@ PRESETS: dict[str, Preset] = {
                            eval_interval=100, eval_iters=8, log_interval=10),
         dpo=TrainConfig(max_steps=300, batch_size=32, lr=1e-6, min_lr=1e-7, warmup_steps=30, weight_decay=0.0,
                         eval_interval=100, eval_iters=8, log_interval=10),
+        # TRL's PPO learning rate (3e-6) and response length (53)
+        ppo=TrainConfig(max_steps=256, batch_size=64, lr=3e-6, min_lr=3e-6, warmup_steps=0, weight_decay=0.0,
+                        eval_interval=0, eval_iters=1, log_interval=8),
+        ppo_method=PPOConfig(missing_eos_penalty=1.0),
+        grpo=TrainConfig(max_steps=128, batch_size=64, lr=1e-6, min_lr=1e-6, warmup_steps=0, weight_decay=0.0,
+                         eval_interval=0, eval_iters=1, log_interval=4),
+        grpo_method=GRPOConfig(missing_eos_penalty=1.0),
     ),
 }
 

@@ -21,6 +21,7 @@ A stage is a function `stage(ctx)` of one shared context dict:
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,18 +34,21 @@ from minillm.datasets import read_jsonl, tokenize_corpus
 from minillm.eval.perplexity import perplexity
 from minillm.eval.stats import bootstrap_ci, mean_std
 from minillm.eval.task import evaluate_instructions, fact_completion_accuracy
-from minillm.plots import plot_series
+from minillm.plots import plot_frontier, plot_series
 from minillm.runs import load_plain_run, load_run
 from minillm.sampling import generate_completions
 from minillm.stages.compare import compare_qlora
 from minillm.stages.dpo import reward_and_kl, run_dpo
 from minillm.stages.evaluate import evaluate_run, report_rows
+from minillm.stages.grpo import run_grpo
+from minillm.stages.pairs import reward_model_scorer, sample_responses
+from minillm.stages.ppo import run_ppo
 from minillm.stages.pretrain import pretrain
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer
 from minillm.utils import atomic_write_text, pick_device, write_json
-from minillm.world import write_world
+from minillm.world import gold_reward, write_world
 
 SAMPLE_PROMPTS = ["Mira", "The town of Oakvale", "3 plus 4 is", "Everyone knows"]
 SFT_DATA_SIZES = (16, 64, 256)
@@ -277,17 +281,11 @@ def stage_dpo(ctx: Ctx) -> None:
     """DPO from the SFT model on the preference pairs; gold reward and exact match vs SFT."""
     data, out = ctx["data"], ctx["out"]
     cfg, method = train_config(ctx, "dpo"), get_preset(ctx["preset"]).dpo_method
-    records = read_jsonl_rows(data / "sft_test.jsonl")
-    sft, tok, _ = load_plain_run(ctx["runs"]["sft"], device=cfg.device)
-    sft_eval = evaluate_instructions(sft, tok, records)
     run = run_dpo(ctx["runs"]["sft"], data / "prefs_train.jsonl", out / "dpo", cfg, method,
                   test=data / "prefs_test.jsonl")
-    policy, _, _ = load_run(out / "dpo", device=cfg.device)
-    dpo_eval = evaluate_instructions(policy, tok, records)
-    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
-    sampled_sft = reward_and_kl(sft, sft, tok, prompts, n_samples=2)
-    sampled = reward_and_kl(policy, sft, tok, prompts, n_samples=2)
     ctx["runs"]["dpo"] = out / "dpo"
+    sft_eval, sampled_sft = sft_heldout(ctx)
+    dpo_eval, sampled = heldout_eval(ctx, out / "dpo")
     greedy = [(s["gold_reward"], d["gold_reward"]) for s, d in zip(sft_eval["rows"], dpo_eval["rows"])]
     exact = [r["exact"] for r in dpo_eval["rows"] if r["kind"] != "refusal"]
     _card_rows(ctx, "dpo", {
@@ -312,6 +310,119 @@ def stage_dpo(ctx: Ctx) -> None:
         "DPO: gold reward of samples (T=1)": sampled["rewards"],
     })
     ctx["sections"].append("## DPO\n\n![DPO loss](dpo/loss_curve.png)")
+
+
+HELDOUT_SAMPLES = 4  # sampled answers per held-out prompt for the T=1 gold reward and KL
+
+
+def heldout_eval(ctx: Ctx, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(greedy `evaluate_instructions` on sft_test, T=1 samples' gold reward and KL to the SFT model) of a run."""
+    records = read_jsonl_rows(ctx["data"] / "sft_test.jsonl")
+    policy, tok, _ = load_plain_run(run_dir)
+    sft, _, _ = load_plain_run(ctx["runs"]["sft"])
+    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
+    return evaluate_instructions(policy, tok, records), reward_and_kl(policy, sft, tok, prompts,
+                                                                     n_samples=HELDOUT_SAMPLES)
+
+
+def sft_heldout(ctx: Ctx) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SFT model's `heldout_eval`, computed once per pipeline run."""
+    if "sft_heldout" not in ctx:
+        ctx["sft_heldout"] = heldout_eval(ctx, ctx["runs"]["sft"])
+    return ctx["sft_heldout"]
+
+
+def need_runs(ctx: Ctx, stage: str, *keys: str) -> None:
+    """A clear error when a stage needs the run of a stage that was skipped and left nothing in --out."""
+    missing = [k for k in keys if k not in ctx["runs"]]
+    if missing:
+        producers = {v: k for k, v in RUN_KEYS.items()}
+        raise ValueError(f"pipeline stage {stage!r} needs the {', '.join(producers[k] for k in missing)} run, which "
+                         f"was skipped and is not in {ctx['out']}; skip {stage!r} too or run that stage")
+
+
+def _rl_stage(ctx: Ctx, name: str, runner: Callable[..., Any]) -> None:
+    """PPO or GRPO from the SFT model against the reward model; held-out gold reward and KL vs SFT."""
+    need_runs(ctx, name, "sft", "rm")
+    data, out = ctx["data"], ctx["out"]
+    cfg, method = train_config(ctx, name), get_preset(ctx["preset"]).method(name)
+    run = runner(ctx["runs"]["sft"], ctx["runs"]["rm"], data / "sft_train.jsonl", out / name, cfg, method)
+    ctx["runs"][name] = out / name
+    ctx["timings"][name] = run.result.seconds
+    sft_eval, sampled_sft = sft_heldout(ctx)
+    ev, sampled = heldout_eval(ctx, out / name)
+    label = name.upper()
+    greedy = [(s["gold_reward"], d["gold_reward"]) for s, d in zip(sft_eval["rows"], ev["rows"])]
+    _card_rows(ctx, name, {
+        f"{label}: gold reward (greedy, sft_test)": ev["gold_reward"],
+        f"{label}: exact match (greedy, sft_test)": ev["exact_match"],
+        f"{label}: gold reward of samples (T=1)": sampled["reward"],
+        f"{label} - SFT: gold reward (greedy)": ev["gold_reward"] - sft_eval["gold_reward"],
+        f"{label} - SFT: gold reward of samples (T=1)": sampled["reward"] - sampled_sft["reward"],
+        f"{label}: KL(pi || pi_ref) per response (T=1)": sampled["kl"],
+        f"{label}: reward-model score, first -> last rollout": (run.stats["first_rollout_scores"],
+                                                               run.stats["objective/scores"]),
+        f"{label}: gold reward of rollouts, first -> last": (run.stats["first_rollout_gold"],
+                                                             run.stats["objective/gold"]),
+        f"{label}: train seconds": run.result.seconds,
+    }, {
+        f"{label}: gold reward (greedy, sft_test)": [d for _, d in greedy],
+        f"{label} - SFT: gold reward (greedy)": [d - s for s, d in greedy],
+        f"{label}: gold reward of samples (T=1)": sampled["rewards"],
+    })
+    ctx["sections"].append(f"## {label}\n\n![{label} rollouts: proxy score, gold reward, KL]({name}/rollouts.png)")
+
+
+def stage_ppo(ctx: Ctx) -> None:
+    _rl_stage(ctx, "ppo", run_ppo)
+
+
+def stage_grpo(ctx: Ctx) -> None:
+    _rl_stage(ctx, "grpo", run_grpo)
+
+
+BEST_OF = (1, 2, 4, 8, 16)
+
+
+def stage_frontier(ctx: Ctx) -> None:
+    """Best-of-N with the reward model (KL = log N - (N-1)/N, Stiennon et al.) next to DPO, PPO and GRPO:
+    the gold reward of held-out samples against KL(pi || pi_SFT), one plot."""
+    need_runs(ctx, "frontier", "sft", "rm")
+    data, out = ctx["data"], ctx["out"]
+    records = read_jsonl_rows(data / "sft_test.jsonl")
+    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
+    sft, tok, _ = load_plain_run(ctx["runs"]["sft"])
+    rows = best_of_n(sft, tok, prompts, reward_model_scorer(ctx["runs"]["rm"]), BEST_OF)
+    points = {"best-of-N (reward model picks)": [(r["kl"], r["gold"]) for r in rows]}
+    for name in ("dpo", "ppo", "grpo"):
+        if name in ctx["runs"]:
+            _, sampled = heldout_eval(ctx, ctx["runs"][name])
+            points[name.upper()] = [(sampled["kl"], sampled["reward"])]
+    plot_frontier(points, out / "frontier.png", title="gold reward vs KL to the SFT model (held-out, T=1)")
+    _card_rows(ctx, "frontier", {f"best-of-{r['n']}: gold reward (KL {r['kl']:.2f})": r["gold"] for r in rows})
+    ctx["summary"]["frontier"] = {k: v for k, v in points.items()}
+    ctx["sections"].append("## Reward vs KL\n\n![frontier](frontier.png)")
+
+
+def best_of_n(policy, tokenizer, prompts: list[str], scorer, ns: tuple[int, ...] = BEST_OF, seed: int = 0
+              ) -> list[dict[str, float]]:
+    """For each N: mean gold reward of the reward model's favourite among the first N samples (T=1) per prompt,
+    and the analytic KL(best-of-N || pi) = log N - (N - 1) / N."""
+    n_max = max(ns)
+    samples = sample_responses(policy, tokenizer, [[{"role": "user", "content": p}] for p in prompts], n_max,
+                               seed=seed)
+    flat_p = [[{"role": "user", "content": p}] for p, ys in zip(prompts, samples) for _ in ys]
+    flat_y = [y or " " for ys in samples for y in ys]
+    scores = scorer(flat_p, flat_y)
+    gold = [gold_reward(p, y) for p, ys in zip(prompts, samples) for y in ys]
+    rows = []
+    for n in ns:
+        picks = []
+        for i in range(len(prompts)):
+            s = [(-float("inf") if math.isnan(v) else v) for v in scores[i * n_max:i * n_max + n]]
+            picks.append(gold[i * n_max + max(range(n), key=s.__getitem__)])
+        rows.append({"n": n, "gold": sum(picks) / len(picks), "kl": math.log(n) - (n - 1) / n})
+    return rows
 
 
 def stage_eval(ctx: Ctx) -> None:
@@ -371,12 +482,15 @@ STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
     ("sft_experiments", stage_sft_experiments),
     ("reward", stage_reward),
     ("dpo", stage_dpo),
+    ("ppo", stage_ppo),
+    ("grpo", stage_grpo),
+    ("frontier", stage_frontier),
     ("eval", stage_eval),
 ]
 
 
-STAGE_RUN_DIRS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo"}
-RUN_KEYS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo"}
+STAGE_RUN_DIRS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
+RUN_KEYS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
 
 
 def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/world",

@@ -61,3 +61,21 @@ def plot_series(x: list[float], series: dict[str, list[float]], png_path: str | 
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, png_path)
+
+
+def plot_frontier(points: dict[str, list[tuple[float, float]]], png_path: str | Path,
+                  xlabel: str = "KL(pi || pi_ref) per response (nats)", ylabel: str = "gold reward",
+                  title: str = "reward vs KL") -> Path:
+    """One marker line per method through its (KL, reward) points, e.g. PPO/GRPO/DPO runs and best-of-N."""
+    fig = Figure(figsize=(5.5, 3.6))
+    ax = fig.add_subplot()
+    for name, xy in points.items():
+        xy = sorted(xy)
+        ax.plot([x for x, _ in xy], [y for _, y in xy], "o-" if len(xy) > 1 else "o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, png_path)

@@ -7,8 +7,8 @@ import pytest
 
 from minillm.cli import main
 
-COMMANDS = ["world", "tokenizer", "pretrain", "generate", "sft", "reward", "dpo", "pairs", "eval", "peft-compare", "qlora-compare",
-            "memory", "pipeline"]
+COMMANDS = ["world", "tokenizer", "pretrain", "generate", "sft", "reward", "dpo", "ppo", "grpo", "pairs", "eval",
+            "peft-compare", "qlora-compare", "memory", "pipeline"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

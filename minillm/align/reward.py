@@ -117,8 +117,14 @@ class RewardModel(nn.Module):
         # the fact. The prompt's log-likelihood is the same for both answers, so it cancels in r_w - r_l.
         self.loglik_scale = nn.Parameter(torch.ones(())) if loglik else None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards (B,) for input_ids (B, T); attention_mask (B, T) is 1 on real tokens (either padding side)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                loglik_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (B,) for input_ids (B, T); attention_mask (B, T) is 1 on real tokens (either padding side).
+
+        loglik_mask (B, T), loglik models only: 1 on the tokens whose log-likelihood enters r (default: every real
+        token). Bradley-Terry identifies r only up to a constant per prompt, so leaving the prompt's log-likelihood
+        out (as PPO does) gives the same preferences with far less variance across prompts.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"RewardModel: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -138,19 +144,25 @@ class RewardModel(nn.Module):
             h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
         r = self.score(h_last).squeeze(-1)  # (B,)
         if self.loglik_scale is not None:
-            r = r + self.loglik_scale * sequence_loglik(self.backbone, h, input_ids, attention_mask)
+            r = r + self.loglik_scale * sequence_loglik(self.backbone, h, input_ids, attention_mask, loglik_mask)
         return r
 
 
 def sequence_loglik(backbone: nn.Module, h: torch.Tensor, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_t log p(x_t | x_<t) over the real tokens after each row's first, from final hidden states h (B, T, C)
-    through the backbone's (tied) LM head; (B,) fp32."""
+                    attention_mask: torch.Tensor | None = None, loglik_mask: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """sum_t log p(x_t | x_<t) over the real tokens after each row's first (only those with loglik_mask = 1, if
+    given), from final hidden states h (B, T, C) through the backbone's (tied) LM head; (B,) fp32."""
     logp = F.log_softmax(backbone.lm_head(h[:, :-1]).float(), dim=-1)  # (B, T-1, V)
     tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     if attention_mask is not None:
         real = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)  # both ends real: no pad context
         tok = tok * real
+    if loglik_mask is not None:
+        if loglik_mask.shape != input_ids.shape:
+            raise ValueError(f"loglik_mask shape {tuple(loglik_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        tok = tok * (loglik_mask[:, 1:] != 0)
     return tok.sum(dim=-1)
 
 
@@ -170,10 +182,17 @@ def _check_rewards(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: tor
 
 
 @torch.no_grad()
-def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """r(x, y) of chat-template token sequences (each ending with the response's <|end|>); returns (N,) fp32 on CPU."""
+def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, batch_size: int = 64,
+                    prompt_lengths: list[int] | None = None) -> torch.Tensor:
+    """r(x, y) of chat-template token sequences (each ending with the response's <|end|>); returns (N,) fp32 on CPU.
+
+    prompt_lengths (one per sequence): a loglik reward model counts the log-likelihood of the response tokens only
+    (see `RewardModel.forward`); a plain one ignores them.
+    """
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("score_sequences: need at least one sequence, none of them empty")
+    if prompt_lengths is not None and len(prompt_lengths) != len(sequences):
+        raise ValueError(f"score_sequences: {len(prompt_lengths)} prompt_lengths for {len(sequences)} sequences")
     device = next(rm.parameters()).device
     was_training = rm.training
     rm.eval()
@@ -186,6 +205,12 @@ def score_sequences(rm: RewardModel, sequences: list[list[int]], pad_id: int, ba
         for i, s in enumerate(chunk):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        out.append(rm(ids.to(device), attention_mask=mask.to(device)).float().cpu())
+        loglik_mask = None
+        if prompt_lengths is not None:
+            loglik_mask = mask.clone()
+            for i, n in enumerate(prompt_lengths[start:start + batch_size]):
+                loglik_mask[i, :n] = 0
+            loglik_mask = loglik_mask.to(device)
+        out.append(rm(ids.to(device), attention_mask=mask.to(device), loglik_mask=loglik_mask).float().cpu())
     rm.train(was_training)
     return torch.cat(out)

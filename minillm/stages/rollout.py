@@ -1,0 +1,188 @@
+"""Rollouts: what PPO and GRPO share. Sample responses from the policy, score them, and lay them out as tensors.
+
+RL vocabulary for a language model (lesson 5):
+
+    state s_t   = the prompt and the response tokens so far      action a_t = the next token
+    policy      = the model, pi_theta(a_t | s_t)                  episode    = one response, ending at <|end|>
+    reward      = the reward model's score of the finished response (+ the KL penalty on every token, PPO)
+
+A rollout batch holds B prompt+response sequences, right-padded to one length T:
+
+    input_ids       (B, T)    prompt tokens, response tokens (incl. <|end|> when it stopped), padding
+    action_mask     (B, T-1)  1 where token t+1 is a response token: the actions (aligned with logprobs)
+    logprobs        (B, T-1)  log pi_old(a_t | s_t) at sampling time, from logits / temperature (TRL)
+    ref_logprobs    (B, T-1)  log pi_ref(a_t | s_t), the same way (None when nobody needs them)
+    scores          (B,)      r_phi(x, y) - reward_offset [- missing_eos_penalty], the proxy reward
+    gold            (B,)      the world's gold reward of the same responses: what the proxy stands for
+
+Rollouts are sampled with the KV cache (`minillm.sampling.generate`); the log-probs are recomputed with one
+full forward pass, which is what the loss sees during the update.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from minillm.align.logprobs import token_logprobs
+from minillm.align.reward import RewardModel, score_sequences
+from minillm.model import GPT
+from minillm.peft.apply import disable_adapters
+from minillm.runs import load_plain_run, load_reward_model
+from minillm.sampling import generate_completions
+from minillm.stages.pairs import read_prompts
+from minillm.tokenizer import Tokenizer
+from minillm.utils import atomic_write_text
+from minillm.world import gold_reward, make_world
+
+__all__ = ["CHAT_STAGES", "Rollout", "RolloutEnv", "load_rollout_env", "policy_logprobs", "sample_rollout",
+           "merge_rollout_metrics"]
+
+# Runs whose model answers in the chat template: a policy for PPO/GRPO must be one of them.
+CHAT_STAGES = ("sft", "dpo", "ppo", "grpo")
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled episodes (shapes in the module docstring)."""
+
+    input_ids: torch.Tensor
+    action_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    scores: torch.Tensor
+    gold: torch.Tensor
+    eos: torch.Tensor  # (B,) bool: the response ended with <|end|>
+    prompts: list[str]
+    responses: list[str]
+
+
+@dataclass
+class RolloutEnv:
+    """Everything a rollout needs that does not change during training."""
+
+    policy: GPT
+    tokenizer: Tokenizer
+    reward_model: RewardModel
+    reward_offset: float
+    prompts: list[str]  # the user turn of each training prompt
+    prompt_ids: list[list[int]]  # chat-templated, ending with the assistant header
+    base_config: dict[str, Any]
+    world: Any
+
+
+def load_rollout_env(init: str | os.PathLike, reward: str | os.PathLike, data: str | os.PathLike,
+                     max_new_tokens: int, prompt_limit: int | None = None) -> RolloutEnv:
+    """The SFT policy of `init`, the reward model of `reward` and the prompts of `data`, checked against each other."""
+    policy, tok, base_cfg = load_plain_run(init)
+    if base_cfg.get("stage") not in CHAT_STAGES:
+        raise ValueError(f"{init}: a {base_cfg.get('stage')!r} run is not a chat model; PPO and GRPO start from one of "
+                         f"{list(CHAT_STAGES)} (run `python -m minillm sft` first)")
+    rm, rm_tok, _ = load_reward_model(reward)
+    if rm_tok.vocab != tok.vocab or rm_tok.special_tokens != tok.special_tokens:
+        raise ValueError(f"{reward}: the reward model's tokenizer ({rm_tok.vocab_size} tokens) differs from the "
+                         f"policy's in {init} ({tok.vocab_size} tokens); it would score different text")
+    if rm.backbone.config.block_size < policy.config.block_size:
+        raise ValueError(f"{reward}: the reward model's context ({rm.backbone.config.block_size}) is shorter than "
+                         f"the policy's ({policy.config.block_size})")
+    records = read_prompts(data)[:prompt_limit]
+    block = policy.config.block_size
+    prompts, prompt_ids = [], []
+    for i, (messages, _) in enumerate(records):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)[0]
+        if len(ids) + max_new_tokens > block:
+            raise ValueError(f"{data}: prompt {i + 1} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
+                             f"exceeds the context of {block} tokens (shorten it or lower --max-new-tokens)")
+        prompts.append(next(m["content"] for m in reversed(messages) if m["role"] == "user"))
+        prompt_ids.append(ids)
+    if not prompts:
+        raise ValueError(f"{data}: no prompt to train on")
+    env = RolloutEnv(policy, tok, rm.requires_grad_(False), 0.0, prompts, prompt_ids, base_cfg, make_world(0))
+    env.reward_offset = response_score_offset(env, max_new_tokens)
+    return env
+
+
+@torch.no_grad()
+def response_score_offset(env: RolloutEnv, max_new_tokens: int, n: int = 128, seed: int = 0) -> float:
+    """b = mean r(x, y) over greedy responses of the starting policy to the first n prompts, scored as rollouts
+    are (response-only log-likelihood): scores - b are about 0 for the SFT model's own answers.
+
+    The reward stage's stored offset counts the prompt's log-likelihood too, so PPO cannot reuse it.
+    """
+    ids = env.prompt_ids[:n]
+    outs = generate_completions(env.policy, ids, max_new_tokens, eos_id=env.tokenizer.end_id, temperature=0.0,
+                                generator=torch.Generator().manual_seed(seed))
+    seqs = [p + y + [env.tokenizer.end_id] for p, y in zip(ids, outs)]
+    r = score_sequences(env.reward_model, seqs, env.tokenizer.pad_id, prompt_lengths=[len(p) for p in ids])
+    return float(r.mean())
+
+
+def policy_logprobs(policy: nn.Module, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(a_t | s_t) of every next token under logits / temperature, (B, T-1).
+
+    Rows are right-padded, so causal attention keeps padding out of every real position: no mask needed.
+    """
+    return token_logprobs(policy(input_ids) / temperature, input_ids)
+
+
+@torch.no_grad()
+def sample_rollout(env: RolloutEnv, policy: nn.Module, reference: nn.Module | None, indices: list[int],
+                   temperature: float, max_new_tokens: int, generator: torch.Generator,
+                   missing_eos_penalty: float | None = None, need_ref: bool = True, use_cache: bool = True
+                   ) -> Rollout:
+    """Sample one response per prompt index, score it, and compute the log-probs of policy and reference.
+
+    reference None means the policy with its adapters disabled (PEFT: one model in memory). temperature 0 decodes
+    greedily (log-probs then at temperature 1); use_cache=False samples without the KV cache (same tokens, slower).
+    """
+    tok = env.tokenizer
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    prompt_ids = [env.prompt_ids[i] for i in indices]
+    outs = generate_completions(policy, prompt_ids, max_new_tokens, eos_id=tok.end_id, temperature=temperature,
+                                generator=generator, use_cache=use_cache)
+    temperature = temperature or 1.0
+    # A response shorter than max_new_tokens stopped at <|end|>, which is part of the episode (its last action).
+    eos = torch.tensor([len(y) < max_new_tokens for y in outs])
+    seqs = [p + y + ([tok.end_id] if stopped else []) for p, y, stopped in zip(prompt_ids, outs, eos.tolist())]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)  # (B, T), right-padded
+    resp = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for b, (p, s) in enumerate(zip(prompt_ids, seqs)):
+        input_ids[b, :len(s)] = torch.tensor(s)
+        resp[b, len(p):len(s)] = True
+    input_ids = input_ids.to(device)
+    action_mask = resp[:, 1:].to(device)  # (B, T-1): token t+1 is an action
+    logprobs = policy_logprobs(policy, input_ids, temperature)
+    ref_logprobs = None
+    if need_ref:
+        if reference is None:
+            with disable_adapters(policy):
+                ref_logprobs = policy_logprobs(policy, input_ids, temperature)
+        else:
+            ref_logprobs = policy_logprobs(reference, input_ids, temperature)
+    # The prompt's own log-likelihood is left out of a loglik reward model's score: a constant per prompt that
+    # Bradley-Terry cannot see, and the largest source of score variance between prompts.
+    scores = score_sequences(env.reward_model, seqs, tok.pad_id, prompt_lengths=[len(p) for p in prompt_ids])
+    scores = scores - env.reward_offset  # (B,) on CPU
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~eos).float()
+    prompts = [env.prompts[i] for i in indices]
+    responses = [tok.decode(y) for y in outs]
+    gold = torch.tensor([gold_reward(x, y, env.world) for x, y in zip(prompts, responses)])
+    policy.train(was_training)
+    return Rollout(input_ids, action_mask, logprobs, ref_logprobs, scores.to(device), gold, eos, prompts, responses)
+
+
+def merge_rollout_metrics(metrics_path: str | os.PathLike, rollouts: list[dict[str, float]]) -> None:
+    """Add one line per rollout (at the optimiser step it was sampled before) to the loop's metrics.jsonl."""
+    path = Path(metrics_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = sorted(rows + rollouts, key=lambda r: r.get("step", 0))  # stable: a rollout line before its step's loss
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
