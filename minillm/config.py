@@ -177,6 +177,8 @@ class RolloutConfig:
     max_new_tokens: int = knob(53, "longest response, in tokens (TRL: response_length)")
     missing_eos_penalty: float | None = knob(None, "subtracted from the score of a response that never emits <|end|>")
     prompt_limit: int | None = knob(None, "use only the first N prompts of the data file")
+    normalize_scores: bool = knob(False, "divide scores by their std on the starting policy's samples (TRL v0.11 "
+                                         "use_score_scaling); they are always shifted to mean 0 there")
 
     def _check_rollout(self, owner: str) -> None:
         _check_range(owner, "temperature", self.temperature, 0.0, open_low=True)
@@ -306,8 +308,10 @@ class Preset:
     dpo_method: DPOConfig = field(default_factory=lambda: DPOConfig(rpo_alpha=1.0))
     pairs_method: PairsConfig = field(default_factory=PairsConfig)
     # RLHF: TrainConfig.batch_size is prompts per rollout (PPO) or responses per rollout (GRPO).
+    # lr: TRL's PPO default; larger rates let Adam turn the noise of near-deterministic rollouts into drift
+    # (lesson 5, section 8).
     ppo: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=64, batch_size=32, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0, eval_interval=0,
+        max_steps=64, batch_size=32, lr=3e-6, min_lr=3e-6, warmup_steps=0, weight_decay=0.0, eval_interval=0,
         eval_iters=1, log_interval=4))
     ppo_method: PPOConfig = field(default_factory=lambda: PPOConfig(max_new_tokens=32, missing_eos_penalty=1.0))
     grpo: TrainConfig = field(default_factory=lambda: TrainConfig(

@@ -364,6 +364,9 @@ def _rl_stage(ctx: Ctx, name: str, runner: Callable[..., Any]) -> None:
                                                                run.stats["objective/scores"]),
         f"{label}: gold reward of rollouts, first -> last": (run.stats["first_rollout_gold"],
                                                              run.stats["objective/gold"]),
+        f"{label}: summed entropy per rollout response, last rollout": run.stats["objective/entropy"],
+        **({f"{label}: groups with zero reward spread, last rollout": run.stats["frac_reward_zero_std"]}
+           if "frac_reward_zero_std" in run.stats else {}),
         f"{label}: train seconds": run.result.seconds,
     }, {
         f"{label}: gold reward (greedy, sft_test)": [d for _, d in greedy],

@@ -123,7 +123,8 @@ def run_grpo(
     TrainConfig.batch_size responses per rollout (batch_size / group_size prompts); max_steps optimiser steps.
     """
     method = method or GRPOConfig()
-    env = load_rollout_env(init, reward, data, method.max_new_tokens, method.prompt_limit)
+    env = load_rollout_env(init, reward, data, method.max_new_tokens, method.prompt_limit, method.temperature,
+                           method.normalize_scores)
     policy = disable_dropout(apply_peft_spec(disable_dropout(env.policy), peft))
     if not isinstance(policy, GPT):
         raise ValueError(f"GRPO needs a GPT policy; the {peft['method']} method wraps it (use lora, vera, krona, ...)")

@@ -213,7 +213,8 @@ def run_ppo(
     stats: the last rollout's figures and the mean gold reward of the first and last rollouts.
     """
     method = method or PPOConfig()
-    env = load_rollout_env(init, reward, data, method.max_new_tokens, method.prompt_limit)
+    env = load_rollout_env(init, reward, data, method.max_new_tokens, method.prompt_limit, method.temperature,
+                           method.normalize_scores)
     policy = disable_dropout(apply_peft_spec(disable_dropout(env.policy), peft))
     if not isinstance(policy, GPT):
         raise ValueError(f"PPO needs a GPT policy; the {peft['method']} method wraps it (use lora, vera, krona, ...)")

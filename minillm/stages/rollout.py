@@ -12,7 +12,7 @@ A rollout batch holds B prompt+response sequences, right-padded to one length T:
     action_mask     (B, T-1)  1 where token t+1 is a response token: the actions (aligned with logprobs)
     logprobs        (B, T-1)  log pi_old(a_t | s_t) at sampling time, from logits / temperature (TRL)
     ref_logprobs    (B, T-1)  log pi_ref(a_t | s_t), the same way (None when nobody needs them)
-    scores          (B,)      r_phi(x, y) - reward_offset [- missing_eos_penalty], the proxy reward
+    scores          (B,)      (r_phi(x, y) - b) / s [- missing_eos_penalty], the proxy reward (`score_normalisation`)
     gold            (B,)      the world's gold reward of the same responses: what the proxy stands for
 
 Rollouts are sampled with the KV cache (`minillm.sampling.generate`); the log-probs are recomputed with one
@@ -41,7 +41,7 @@ from minillm.utils import atomic_write_text
 from minillm.world import gold_reward, make_world
 
 __all__ = ["CHAT_STAGES", "Rollout", "RolloutEnv", "load_rollout_env", "policy_logprobs", "sample_rollout",
-           "merge_rollout_metrics"]
+           "merge_rollout_metrics", "score_normalisation"]
 
 # Runs whose model answers in the chat template: a policy for PPO/GRPO must be one of them.
 CHAT_STAGES = ("sft", "dpo", "ppo", "grpo")
@@ -70,6 +70,7 @@ class RolloutEnv:
     tokenizer: Tokenizer
     reward_model: RewardModel
     reward_offset: float
+    reward_scale: float
     prompts: list[str]  # the user turn of each training prompt
     prompt_ids: list[list[int]]  # chat-templated, ending with the assistant header
     base_config: dict[str, Any]
@@ -77,8 +78,12 @@ class RolloutEnv:
 
 
 def load_rollout_env(init: str | os.PathLike, reward: str | os.PathLike, data: str | os.PathLike,
-                     max_new_tokens: int, prompt_limit: int | None = None) -> RolloutEnv:
-    """The SFT policy of `init`, the reward model of `reward` and the prompts of `data`, checked against each other."""
+                     max_new_tokens: int, prompt_limit: int | None = None, temperature: float = 1.0,
+                     normalize_scores: bool = False) -> RolloutEnv:
+    """The SFT policy of `init`, the reward model of `reward` and the prompts of `data`, checked against each other.
+
+    Scores are shifted (and with normalize_scores scaled) by `score_normalisation` on the starting policy.
+    """
     policy, tok, base_cfg = load_plain_run(init)
     if base_cfg.get("stage") not in CHAT_STAGES:
         raise ValueError(f"{init}: a {base_cfg.get('stage')!r} run is not a chat model; PPO and GRPO start from one of "
@@ -102,24 +107,27 @@ def load_rollout_env(init: str | os.PathLike, reward: str | os.PathLike, data: s
         prompt_ids.append(ids)
     if not prompts:
         raise ValueError(f"{data}: no prompt to train on")
-    env = RolloutEnv(policy, tok, rm.requires_grad_(False), 0.0, prompts, prompt_ids, base_cfg, make_world(0))
-    env.reward_offset = response_score_offset(env, max_new_tokens)
+    env = RolloutEnv(policy, tok, rm.requires_grad_(False), 0.0, 1.0, prompts, prompt_ids, base_cfg, make_world(0))
+    env.reward_offset, scale = score_normalisation(env, max_new_tokens, temperature)
+    env.reward_scale = scale if normalize_scores else 1.0
     return env
 
 
 @torch.no_grad()
-def response_score_offset(env: RolloutEnv, max_new_tokens: int, n: int = 128, seed: int = 0) -> float:
-    """b = mean r(x, y) over greedy responses of the starting policy to the first n prompts, scored as rollouts
-    are (response-only log-likelihood): scores - b are about 0 for the SFT model's own answers.
+def score_normalisation(env: RolloutEnv, max_new_tokens: int, temperature: float, n: int = 128, seed: int = 0
+                        ) -> tuple[float, float]:
+    """(b, s): mean and std of r(x, y) over samples of the starting policy on the first n prompts, scored as
+    rollouts are (response-only log-likelihood). (r - b) / s is about 0 +- 1 for the SFT model's own samples.
 
-    The reward stage's stored offset counts the prompt's log-likelihood too, so PPO cannot reuse it.
+    The reward stage's stored offset counts the prompt's log-likelihood too, so PPO cannot reuse it; the scale
+    matters for a log-likelihood reward model, whose scores spread over several nats.
     """
     ids = env.prompt_ids[:n]
-    outs = generate_completions(env.policy, ids, max_new_tokens, eos_id=env.tokenizer.end_id, temperature=0.0,
-                                generator=torch.Generator().manual_seed(seed))
+    outs = generate_completions(env.policy, ids, max_new_tokens, eos_id=env.tokenizer.end_id,
+                                temperature=temperature, generator=torch.Generator().manual_seed(seed))
     seqs = [p + y + [env.tokenizer.end_id] for p, y in zip(ids, outs)]
     r = score_sequences(env.reward_model, seqs, env.tokenizer.pad_id, prompt_lengths=[len(p) for p in ids])
-    return float(r.mean())
+    return float(r.mean()), max(float(r.std()), 1e-6) if len(r) > 1 else 1.0
 
 
 def policy_logprobs(policy: nn.Module, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -170,7 +178,7 @@ def sample_rollout(env: RolloutEnv, policy: nn.Module, reference: nn.Module | No
     # The prompt's own log-likelihood is left out of a loglik reward model's score: a constant per prompt that
     # Bradley-Terry cannot see, and the largest source of score variance between prompts.
     scores = score_sequences(env.reward_model, seqs, tok.pad_id, prompt_lengths=[len(p) for p in prompt_ids])
-    scores = scores - env.reward_offset  # (B,) on CPU
+    scores = (scores - env.reward_offset) / env.reward_scale  # (B,) on CPU
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~eos).float()
     prompts = [env.prompts[i] for i in indices]
