@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -385,6 +385,7 @@ def stage_grpo(ctx: Ctx) -> None:
 
 
 BEST_OF = (1, 2, 4, 8, 16)
+FRONTIER_DPO_BETAS = (0.03, 0.3)
 
 
 def stage_frontier(ctx: Ctx) -> None:
@@ -396,8 +397,21 @@ def stage_frontier(ctx: Ctx) -> None:
     prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
     sft, tok, _ = load_plain_run(ctx["runs"]["sft"])
     rows = best_of_n(sft, tok, prompts, reward_model_scorer(ctx["runs"]["rm"]), BEST_OF)
-    points = {"best-of-N (reward model picks)": [(r["kl"], r["gold"]) for r in rows]}
-    for name in ("dpo", "ppo", "grpo"):
+    points = {"SFT": [(0.0, sft_heldout(ctx)[1]["reward"])],
+              "best-of-N (reward model picks)": [(r["kl"], r["gold"]) for r in rows]}
+    dpo_method = get_preset(ctx["preset"]).dpo_method
+    dpo_runs = {dpo_method.beta: ctx["runs"].get("dpo")}
+    for beta in FRONTIER_DPO_BETAS:  # the DPO paper's beta sweep, beside the pipeline's own DPO run
+        run_dpo(ctx["runs"]["sft"], data / "prefs_train.jsonl", out / "frontier" / f"dpo_beta{beta}",
+                train_config(ctx, "dpo"), replace(dpo_method, beta=beta), progress=False)
+        dpo_runs[beta] = out / "frontier" / f"dpo_beta{beta}"
+    for beta, run_dir in sorted(dpo_runs.items()):
+        if run_dir is not None:
+            _, sampled = heldout_eval(ctx, run_dir)
+            points.setdefault("DPO (beta sweep)", []).append((sampled["kl"], sampled["reward"]))
+            card(ctx, "frontier", f"DPO beta {beta}: gold reward of samples (T=1)", sampled["reward"])
+            card(ctx, "frontier", f"DPO beta {beta}: KL(pi || pi_ref) per response (T=1)", sampled["kl"])
+    for name in ("ppo", "grpo"):
         if name in ctx["runs"]:
             _, sampled = heldout_eval(ctx, ctx["runs"][name])
             points[name.upper()] = [(sampled["kl"], sampled["reward"])]
