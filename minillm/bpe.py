@@ -148,6 +148,7 @@ def _pairs(word: list[int]) -> Iterator[tuple[int, int]]:
 
 def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
     """Replace every adjacent (a, b) in `word`, scanning left to right, by `new_id`."""
+    # BEGIN ASSIGNMENT bpe-merge
     out: list[int] = []
     i = 0
     while i < len(word):
@@ -158,6 +159,7 @@ def _merge_word(word: list[int], a: int, b: int, new_id: int) -> list[int]:
             out.append(word[i])
             i += 1
     return out
+    # END ASSIGNMENT
 
 
 def iter_merges(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from minillm import assignments
 from minillm.config import (
     PRESETS, DPOConfig, EvalConfig, GRPOConfig, PairsConfig, PPOConfig, RewardConfig, SFTConfig, TrainConfig,
     get_preset, override,
@@ -263,6 +264,28 @@ def add_rl_paths(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", default=out)
 
 
+def cmd_assignments(args: argparse.Namespace) -> None:
+    if args.action == "list":
+        manifest = assignments.load_manifest(args.repo)
+        rows = [[a.id, a.title, a.lesson, a.points, ", ".join(a.tests)] for a in manifest.assignments]
+        print(assignments.format_table(rows, ["id", "title", "lesson", "points", "tests"]))
+        print(f"\n{len(rows)} assignments, {sum(a.points for a in manifest.assignments)} points")
+        return
+    if not args.out:
+        raise ValueError("assignments make: --out DIR is required")
+    result = assignments.make_student_copy(args.repo, args.out, only=args.only, force=args.force)
+    print(f"wrote {result['files']} files to {result['out']}; stripped: {', '.join(result['stripped'])}")
+
+
+def cmd_grade(args: argparse.Namespace) -> None:
+    result = assignments.grade(args.repo, only=args.only, extra_tests=args.extra_tests)
+    rows = [[t["name"], f"{t['score']:g} / {t['max_score']}", t["output"].splitlines()[0]] for t in result["tests"]]
+    print(assignments.format_table(rows, ["assignment", "points", "tests"]))
+    print(f"\ntotal: {result['score']:g} of {result['max_score']} points")
+    if args.json:
+        write_json(args.json, {"score": result["score"], "tests": result["tests"]})
+
+
 def cmd_pairs(args: argparse.Namespace) -> None:
     stats = run_pairs(args.policy, args.prompts, args.out, stage_method(args, "pairs"), scorer=args.scorer,
                       device=args.device)
@@ -370,6 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/pairs.jsonl")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser(
+        "assignments", help="the course kit: list the graded assignments, or make the students' copy",
+        description="list: the assignments of assignments/manifest.json. make: a copy of the repository where each "
+                    "selected solution block (# BEGIN ASSIGNMENT <id> ... # END ASSIGNMENT) raises "
+                    "NotImplementedError with a hint.")
+    p.add_argument("action", choices=["list", "make"])
+    p.add_argument("--repo", default=".", help="the solution repository (default: the current folder)")
+    p.add_argument("--out", default=None, help="make: the folder to write (must be empty, or --force)")
+    p.add_argument("--only", nargs="+", metavar="ID", default=None, help="make: strip only these assignments")
+    p.add_argument("--force", action="store_true", help="make: replace the contents of a non-empty --out")
+    p.set_defaults(func=cmd_assignments)
+
+    p = sub.add_parser("grade", help="run each assignment's tests and print its points",
+                       description="Runs the tests of every assignment (one pytest process) in --repo and scores "
+                                   "points x passed / total per assignment.")
+    p.add_argument("--repo", default=".", help="the tree to grade (default: the current folder)")
+    p.add_argument("--only", nargs="+", metavar="ID", default=None, help="grade only these assignments")
+    p.add_argument("--json", default=None, help="write the autograder results JSON here")
+    p.add_argument("--extra-tests", default=None, help="a folder of private tests: <id>/test_*.py per assignment")
+    p.set_defaults(func=cmd_grade)
 
     p = sub.add_parser("generate", help="sample from a trained run")
     p.add_argument("--ckpt", default="runs/base", help="run directory")
@@ -546,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

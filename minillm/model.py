@@ -143,11 +143,13 @@ class CausalSelfAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """softmax(Q K^T / sqrt(d) + M) V, the equation on the slide, one step per line."""
+        # BEGIN ASSIGNMENT attention-explicit
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, T_total)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))  # M: -inf where a key is hidden
         weights = self.attn_dropout(torch.softmax(scores, dim=-1))
         return weights @ v  # (B, H, T, D)
+        # END ASSIGNMENT
 
 
 class MLP(nn.Module):

@@ -20,21 +20,25 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Set every logit below the k-th largest in its row to -inf. logits: (B, V)."""
     if k <= 0:
         raise ValueError(f"top_k must be positive, got {k}")
+    # BEGIN ASSIGNMENT sampling-top-k
     k = min(k, logits.shape[-1])
     kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
+    # END ASSIGNMENT
 
 
 def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the most likely tokens until their probability mass reaches p. logits: (B, V)."""
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
+    # BEGIN ASSIGNMENT sampling-top-p
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
     remove_sorted = mass_before >= p  # the top token has mass_before 0, so it is always kept
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
+    # END ASSIGNMENT
 
 
 def sample_next(

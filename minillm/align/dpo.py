@@ -80,6 +80,7 @@ def dpo_loss(
 
 def _pair_loss(h: torch.Tensor, beta: float, loss_type: str, eps: float) -> torch.Tensor:
     """The per-pair loss of `loss_type` on the log-ratio difference h (B,)."""
+    # BEGIN ASSIGNMENT dpo-loss
     if loss_type == "sigmoid":
         return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     if loss_type == "robust":
@@ -88,6 +89,7 @@ def _pair_loss(h: torch.Tensor, beta: float, loss_type: str, eps: float) -> torc
         return torch.relu(1 - beta * h)
     # ipo: regress h onto 1 / (2 tau), with tau = beta
     return (h - 1 / (2 * beta)) ** 2
+    # END ASSIGNMENT
 
 
 def dpo_metrics(

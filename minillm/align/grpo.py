@@ -71,6 +71,7 @@ def group_advantages(
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(ADVANTAGE_SCALES)}")
     if not _is_number(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    # BEGIN ASSIGNMENT grpo-advantages
     groups = rewards.view(-1, group_size)  # (num_prompts, G)
     centered = (groups - groups.mean(dim=1, keepdim=True)).flatten()  # (B,)
     if scale == "none":
@@ -80,6 +81,7 @@ def group_advantages(
     else:
         std = rewards.std()
     return centered / (std + eps)
+    # END ASSIGNMENT
 
 
 def policy_gradient_loss(

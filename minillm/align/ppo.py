@@ -209,6 +209,7 @@ def gae(
     for name, v in (("gamma", gamma), ("lam", lam)):
         if not _is_number(v) or not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+    # BEGIN ASSIGNMENT ppo-gae
     zero = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     next_value, next_adv = zero, zero  # the episode ends after the last response token
     advantages = []
@@ -222,6 +223,7 @@ def gae(
     advantages = torch.stack(advantages[::-1], dim=1)
     returns = torch.where(m, advantages + values, torch.zeros((), dtype=values.dtype, device=values.device))
     return advantages, returns
+    # END ASSIGNMENT
 
 
 # ----------------------------------------------------------------------------- losses
@@ -251,6 +253,7 @@ def ppo_policy_loss(
     m = _as_bool_mask(mask, logprobs, "mask")
     _check_clip(cliprange, "cliprange")
     _check_reduction(reduction)
+    # BEGIN ASSIGNMENT ppo-clipped-loss
     adv = _per_token(advantages, logprobs, "advantages")
     log_ratio = logprobs - old_logprobs.detach()
     ratio = torch.exp(log_ratio)
@@ -264,6 +267,7 @@ def ppo_policy_loss(
             "ratio_mean": masked_mean(ratio, m),
         }
     return _reduce(per_token, m, reduction), stats
+    # END ASSIGNMENT
 
 
 def ppo_value_loss(

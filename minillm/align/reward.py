@@ -41,6 +41,7 @@ def bradley_terry_loss_sum(
     _check_rewards(r_chosen, r_rejected, margin)
     if center_coef is not None and (not isinstance(center_coef, (int, float)) or center_coef < 0):
         raise ValueError(f"center_coef must be None or a number >= 0, got {center_coef!r}")
+    # BEGIN ASSIGNMENT bradley-terry
     diff = r_chosen - r_rejected  # (B,)
     if margin is not None:
         diff = diff - margin
@@ -48,6 +49,7 @@ def bradley_terry_loss_sum(
     if center_coef is not None:
         losses = losses + center_coef * (r_chosen + r_rejected) ** 2
     return losses.sum(), r_chosen.shape[0]
+    # END ASSIGNMENT
 
 
 def bradley_terry_loss(

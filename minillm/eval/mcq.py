@@ -169,10 +169,12 @@ def choose(lls: Sequence[float], choices: Sequence[str]) -> tuple[int, int, int]
         raise ValueError(f"lls ({len(lls)}) and choices ({len(choices)}) must have the same length")
     if any(len(c) == 0 for c in choices):
         raise ValueError("choose: a choice is empty, so it has no length to normalise by")
+    # BEGIN ASSIGNMENT mcq-choose
     pred = _argmax(lls)
     pred_norm = _argmax([ll / len(c) for ll, c in zip(lls, choices)])
     pred_bytes = _argmax([ll / len(c.encode("utf-8")) for ll, c in zip(lls, choices)])
     return pred, pred_norm, pred_bytes
+    # END ASSIGNMENT
 
 
 def evaluate_mcq(

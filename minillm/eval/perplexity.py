@@ -58,6 +58,7 @@ def strided_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[i
         raise ValueError(f"max_length must be an integer >= 2 (one context + one target), got {max_length!r}")
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_length:
         raise ValueError(f"stride must be an integer in [1, max_length={max_length}], got {stride!r}")
+    # BEGIN ASSIGNMENT perplexity-windows
     windows = []
     prev_end = 0
     for begin in range(0, n_tokens, stride):
@@ -67,6 +68,7 @@ def strided_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[i
         if end == n_tokens:
             break
     return windows
+    # END ASSIGNMENT
 
 
 def perplexity(

@@ -79,12 +79,16 @@ class LoRAAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """Delta W = s * B A, shape (out, in)."""
+        # BEGIN ASSIGNMENT lora
         return (self.lora_B @ self.lora_A) * self.scaling
+        # END ASSIGNMENT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """s * B A dropout(x), (..., in) -> (..., out)."""
         # Two thin matmuls, never the (out, in) product: O(r (in + out)) per token.
+        # BEGIN ASSIGNMENT lora
         return (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        # END ASSIGNMENT
 
 
 class LoRALinear(nn.Module):

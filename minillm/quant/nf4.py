@@ -214,6 +214,7 @@ def quantize_blockwise_reference(
     A partial last block gets its own absmax.
     """
     _check_blockwise_args(x, code, blocksize)
+    # BEGIN ASSIGNMENT nf4-blockwise
     blocks = _to_blocks(x.detach().float(), blocksize)  # (n_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     _check_finite(absmax)
@@ -221,6 +222,7 @@ def quantize_blockwise_reference(
     scaled = (blocks * _reciprocal(absmax).unsqueeze(1)).clamp(-1, 1)  # (n_blocks, blocksize)
     q = nearest_code_reference(scaled, code.to(device=x.device, dtype=torch.float32))  # (n_blocks, blocksize)
     return q.reshape(-1)[: x.numel()], absmax
+    # END ASSIGNMENT
 
 
 def dequantize_blockwise_reference(
@@ -229,9 +231,11 @@ def dequantize_blockwise_reference(
     """Inverse of `quantize_blockwise_reference`: x_i ~= code[q_i] * absmax_{i // blocksize}, fp32 (n,)."""
     n = q.numel()
     _check_absmax_count(n, absmax, blocksize)
+    # BEGIN ASSIGNMENT nf4-blockwise
     values = code.to(device=q.device, dtype=torch.float32)[q.reshape(-1).long()]  # (n,)
     blocks = _to_blocks(values, blocksize)  # (n_blocks, blocksize)
     return (blocks * absmax.float().unsqueeze(1)).reshape(-1)[:n]
+    # END ASSIGNMENT
 
 
 @dataclass
@@ -312,11 +316,13 @@ def double_quantize_reference(
 
     Returns (absmax_q uint8 (n_blocks,), absmax_scale fp32 (ceil(n_blocks / dq_blocksize),), c, dyn).
     """
+    # BEGIN ASSIGNMENT nf4-blockwise
     offset = absmax.mean()  # absmax > 0, so centring makes the signed 8-bit map useful
     # a copy owned by the state: registered as a module buffer, it must not alias the shared constant
     dynamic_map = DYNAMIC_MAP.to(absmax.device, copy=True)
     absmax_q, absmax_scale = quantize_blockwise_reference(absmax - offset, dynamic_map, dq_blocksize)
     return absmax_q, absmax_scale, offset, dynamic_map
+    # END ASSIGNMENT
 
 
 def quantize_4bit_reference(
