@@ -167,7 +167,10 @@ def test_grpo_source_keeps_groups_together_and_run_grpo_loads(runs, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
-    other = Tokenizer.train("a b c d e f g " * 50, vocab_size=300)
+    # the 256 byte tokens and the same special tokens, no merges: another vocabulary (no BPE training needed)
+    specials = sorted(TOK.special_tokens, key=TOK.special_tokens.get)
+    vocab = {i: TOK.vocab[i] for i in range(256)} | {256 + k: s.encode() for k, s in enumerate(specials)}
+    other = Tokenizer(vocab, [], specials)
     cfg = GPTConfig(**{**asdict(CFG), "vocab_size": other.vocab_size})
     rm = make_reward_run(tmp_path / "rm", tok=other, cfg=cfg)
     with pytest.raises(ValueError, match="tokenizer"):

@@ -119,7 +119,9 @@ def _figures(card):
 
 
 def test_same_seed_same_figures_other_seed_other_figures(tmp_path):
-    skip = ["sft_experiments", "reward", "dpo", "ppo", "grpo", "frontier", "eval"]
+    # Pretraining alone: its figures depend on the seed, and no graded assignment sits on its path (the later
+    # stages use the sampling, loss and evaluation functions students implement).
+    skip = ["base_eval", "sft", "sft_experiments", "reward", "dpo", "ppo", "grpo", "frontier", "eval"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic order in both runs
     try:
