@@ -302,5 +302,5 @@ def format_table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain text table for the terminal."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = "  ".join(f"{{:{w}}}" for w in widths)
-    return "\n".join([line.format(*header), line.format(*("-" * w for w in widths))]
-                     + [line.format(*map(str, r)) for r in rows])
+    lines = [line.format(*header), line.format(*("-" * w for w in widths))] + [line.format(*map(str, r)) for r in rows]
+    return "\n".join(x.rstrip() for x in lines)

@@ -267,7 +267,9 @@ def add_rl_paths(p: argparse.ArgumentParser, out: str) -> None:
 def cmd_assignments(args: argparse.Namespace) -> None:
     if args.action == "list":
         manifest = assignments.load_manifest(args.repo)
-        rows = [[a.id, a.title, a.lesson, a.points, ", ".join(a.tests)] for a in manifest.assignments]
+        rows = [[a.id, a.title, a.lesson, a.points,
+                 f"{len(a.tests)} in " + ", ".join(sorted({Path(t.split('::')[0]).name for t in a.tests}))]
+                for a in manifest.assignments]
         print(assignments.format_table(rows, ["id", "title", "lesson", "points", "tests"]))
         print(f"\n{len(rows)} assignments, {sum(a.points for a in manifest.assignments)} points")
         return
