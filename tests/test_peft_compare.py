@@ -131,7 +131,8 @@ def test_parse_methods_and_specs():
     assert method_spec("full", [1]) is None
     spec = method_spec("lora", [1, 2])
     assert spec["trainable_token_indices"] == [1, 2] and spec["r"] == 8 and spec["target_modules"] == ["c_attn"]
-    assert "trainable_token_indices" not in method_spec("lora")
+    # explicitly None, so run_sft does not add the chat rows back (the --no-chat-tokens ablation)
+    assert method_spec("lora")["trainable_token_indices"] is None
     spec["r"] = 99  # a copy: the table of defaults is not changed
     assert method_spec("lora")["r"] == 8
 

@@ -116,8 +116,8 @@ def method_spec(method: str, token_ids: Sequence[int] | None = None, specs: Spec
     if spec is None:
         return None
     spec.update(overrides)
-    if token_ids:
-        spec["trainable_token_indices"] = list(token_ids)
+    # None (not a missing key) tells run_sft not to add the chat tokens itself: the --no-chat-tokens ablation
+    spec["trainable_token_indices"] = list(token_ids) if token_ids else None
     return spec
 
 

@@ -72,6 +72,8 @@ def run_sft(
     method = method or SFTConfig()
     model, tok, base_cfg = load_run(init)
     block = model.config.block_size
+    if peft and peft["method"] in ("prefix", "prompt"):
+        block -= int(peft.get("num_virtual_tokens", 0))  # the virtual tokens take positions of the context
     chats = load_chats(data)
     if method.limit is not None:
         chats = random.Random(train_cfg.seed).sample(chats, min(method.limit, len(chats)))
