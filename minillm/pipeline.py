@@ -318,11 +318,17 @@ HELDOUT_SAMPLES = 4  # sampled answers per held-out prompt for the T=1 gold rewa
 def heldout_eval(ctx: Ctx, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(greedy `evaluate_instructions` on sft_test, T=1 samples' gold reward and KL to the SFT model) of a run."""
     records = read_jsonl_rows(ctx["data"] / "sft_test.jsonl")
-    policy, tok, _ = load_plain_run(run_dir)
-    sft, _, _ = load_plain_run(ctx["runs"]["sft"])
+    device = _device(ctx)
+    policy, tok, _ = load_plain_run(run_dir, device=device)
+    sft, _, _ = load_plain_run(ctx["runs"]["sft"], device=device)
     prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
     return evaluate_instructions(policy, tok, records), reward_and_kl(policy, sft, tok, prompts,
                                                                      n_samples=HELDOUT_SAMPLES)
+
+
+def _device(ctx: Ctx) -> torch.device:
+    """Where the pipeline's evaluations run: the --device flag, else CUDA when there is one."""
+    return pick_device(ctx["train_overrides"].get("device", "auto"))
 
 
 def sft_heldout(ctx: Ctx) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -395,8 +401,8 @@ def stage_frontier(ctx: Ctx) -> None:
     data, out = ctx["data"], ctx["out"]
     records = read_jsonl_rows(data / "sft_test.jsonl")
     prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
-    sft, tok, _ = load_plain_run(ctx["runs"]["sft"])
-    rows = best_of_n(sft, tok, prompts, reward_model_scorer(ctx["runs"]["rm"]), BEST_OF)
+    sft, tok, _ = load_plain_run(ctx["runs"]["sft"], device=_device(ctx))
+    rows = best_of_n(sft, tok, prompts, reward_model_scorer(ctx["runs"]["rm"], device=str(_device(ctx))), BEST_OF)
     points = {"SFT": [(0.0, sft_heldout(ctx)[1]["reward"])],
               "best-of-N (reward model picks)": [(r["kl"], r["gold"]) for r in rows]}
     dpo_method = get_preset(ctx["preset"]).dpo_method
