@@ -3,8 +3,8 @@
 A preset fills `GPTConfig` (the network), one `TrainConfig` (the optimisation) per stage, and one method
 dataclass per stage (`SFTConfig`, `RewardConfig`, `DPOConfig`, `PairsConfig`, `PPOConfig`, `GRPOConfig`): the
 knobs of an algorithm are spelled once, as fields here (and `EvalConfig` for the `eval` command, which no
-preset changes). The command line turns every field into a flag (`--n-layer 6 --lr 1e-3 --beta 0.2`) whose default is the preset's value,
-and every run writes the resolved configs next to its outputs.
+preset changes). The command line turns every field into a flag (`--n-layer 6 --lr 1e-3 --beta 0.2`) whose
+default is the preset's value, and every run writes the resolved configs next to its outputs.
 The vocabulary size is not a preset field: it always comes from the tokenizer.
 """
 from __future__ import annotations
