@@ -12,8 +12,9 @@ A block of library code between two marker lines is the solution of one assignme
 `assignments/manifest.json` lists every assignment: id, title, lesson, points, the files holding its markers (only
 those files are read for markers), the tests that grade it (pytest files or node ids) and hints.
 `make_student_copy` writes a copy of the repository where each selected block becomes
-`raise NotImplementedError("<id>: <hint>")` and notebook cells tagged `solution` become a stub; `grade` runs the assignments' tests in one pytest call and turns passed tests into points
-(`points x passed / total` per assignment), in the autograder results format
+`raise NotImplementedError("<id>: <hint>")` and notebook cells tagged `solution` become a stub; `grade` runs the
+assignments' tests in one pytest call and turns passed tests into points (`points x passed / total` per
+assignment), in the autograder results format
 {"score", "tests": [{"name", "score", "max_score", "output"}]}.
 
 This module reads and writes files only; it imports nothing from the library, so a student copy with every
