@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Assignment", "Manifest", "load_manifest", "find_regions", "strip_source", "make_student_copy", "grade",
-           "format_table", "MANIFEST"]
+__all__ = ["Assignment", "Manifest", "load_manifest", "has_solution_markers", "find_regions", "strip_source",
+           "make_student_copy", "grade", "format_table", "MANIFEST"]
 
 MANIFEST = Path("assignments") / "manifest.json"
 BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN ASSIGNMENT (?P<id>[a-z0-9][a-z0-9-]*)\s*$")
@@ -106,6 +106,12 @@ def load_manifest(repo: str | os.PathLike) -> Manifest:
     if dupes:
         raise ValueError(f"{path}: duplicate assignment id(s) {dupes}")
     return Manifest(items, list(raw.get("leave_out", [])))
+
+
+def has_solution_markers(repo: str | os.PathLike) -> bool:
+    """True in the solution repository; False in a students' copy (same manifest, markers removed)."""
+    manifest = load_manifest(repo)
+    return any("# BEGIN ASSIGNMENT" in (Path(repo) / f).read_text() for a in manifest.assignments for f in a.files)
 
 
 # ----------------------------------------------------------------------------- markers

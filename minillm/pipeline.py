@@ -315,13 +315,20 @@ def stage_dpo(ctx: Ctx) -> None:
 HELDOUT_SAMPLES = 4  # sampled answers per held-out prompt for the T=1 gold reward and KL
 
 
+def heldout_set(ctx: Ctx) -> tuple[list[dict[str, Any]], list[str], torch.nn.Module]:
+    """(sft_test records, their user prompts, the SFT model on the pipeline's device), read once per run."""
+    if "heldout" not in ctx:
+        records = read_jsonl_rows(ctx["data"] / "sft_test.jsonl")
+        prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
+        sft, _, _ = load_plain_run(ctx["runs"]["sft"], device=_device(ctx))
+        ctx["heldout"] = (records, prompts, sft)
+    return ctx["heldout"]
+
+
 def heldout_eval(ctx: Ctx, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(greedy `evaluate_instructions` on sft_test, T=1 samples' gold reward and KL to the SFT model) of a run."""
-    records = read_jsonl_rows(ctx["data"] / "sft_test.jsonl")
-    device = _device(ctx)
-    policy, tok, _ = load_plain_run(run_dir, device=device)
-    sft, _, _ = load_plain_run(ctx["runs"]["sft"], device=device)
-    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
+    records, prompts, sft = heldout_set(ctx)
+    policy, tok, _ = load_plain_run(run_dir, device=_device(ctx))
     return evaluate_instructions(policy, tok, records), reward_and_kl(policy, sft, tok, prompts,
                                                                      n_samples=HELDOUT_SAMPLES)
 
@@ -399,10 +406,9 @@ def stage_frontier(ctx: Ctx) -> None:
     the gold reward of held-out samples against KL(pi || pi_SFT), one plot."""
     need_runs(ctx, "frontier", "sft", "rm")
     data, out = ctx["data"], ctx["out"]
-    records = read_jsonl_rows(data / "sft_test.jsonl")
-    prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
-    sft, tok, _ = load_plain_run(ctx["runs"]["sft"], device=_device(ctx))
-    rows = best_of_n(sft, tok, prompts, reward_model_scorer(ctx["runs"]["rm"], device=str(_device(ctx))), BEST_OF)
+    _, prompts, sft = heldout_set(ctx)
+    scorer = reward_model_scorer(ctx["runs"]["rm"], device=str(_device(ctx)))
+    rows = best_of_n(sft, ctx["tok"], prompts, scorer, BEST_OF)
     points = {"SFT": [(0.0, sft_heldout(ctx)[1]["reward"])],
               "best-of-N (reward model picks)": [(r["kl"], r["gold"]) for r in rows]}
     dpo_method = get_preset(ctx["preset"]).dpo_method

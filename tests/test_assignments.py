@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from minillm.assignments import (
-    find_regions, grade, load_manifest, make_student_copy, strip_notebook, strip_source,
+    find_regions, grade, has_solution_markers, load_manifest, make_student_copy, strip_notebook, strip_source,
 )
 from minillm.cli import main
 
@@ -168,13 +168,8 @@ def test_cli_refusals_exit_2_with_the_reason(tmp_path, capsys):
     assert "unknown assignment id" in capsys.readouterr().err
 
 
-def _is_solution_tree() -> bool:
-    """The students' copy has the manifest but no markers: the real-tree tests are for the solution repository."""
-    manifest = load_manifest(ROOT)
-    return any("# BEGIN ASSIGNMENT" in (ROOT / f).read_text() for a in manifest.assignments for f in a.files)
-
-
-solution_only = pytest.mark.skipif(not _is_solution_tree(), reason="a students' copy has no solution markers")
+# The students' copy has the manifest but no markers: the real-tree tests are for the solution repository.
+solution_only = pytest.mark.skipif(not has_solution_markers(ROOT), reason="a students' copy has no solution markers")
 
 
 @solution_only

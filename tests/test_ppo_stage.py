@@ -14,8 +14,8 @@ from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import disable_adapters
 from minillm.runs import load_run, save_run_files
 from minillm.stages.grpo import GRPOSource, run_grpo
-from minillm.stages.ppo import ActorCritic, PPOSource, reference_policy, run_ppo
-from minillm.stages.rollout import load_rollout_env, policy_logprobs, sample_rollout
+from minillm.stages.ppo import ActorCritic, PPOSource, run_ppo
+from minillm.stages.rollout import load_rollout_env, policy_logprobs, reference_policy, sample_rollout
 from minillm.tokenizer import Tokenizer
 from minillm.utils import atomic_torch_save
 

@@ -13,7 +13,6 @@ directory and metrics.jsonl have the same layout as a PPO run's.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,20 +20,19 @@ import torch.nn as nn
 
 from minillm.align.grpo import group_advantages, grpo_loss
 from minillm.align.logprobs import token_logprobs
-from minillm.align.ppo import kl_per_token, token_entropy
-from minillm.align.preferences import BatchMetricLog, disable_dropout
+from minillm.align.ppo import kl_per_token, masked_sum, token_entropy
+from minillm.align.preferences import BatchMetricLog
 from minillm.config import GRPOConfig, TrainConfig
 from minillm.model import GPT
-from minillm.runs import Run, apply_peft_spec, save_run_files
-from minillm.stages.ppo import masked_sum_rows, plot_rollouts, reference_policy, rollout_stats, save_policy_run
-from minillm.stages.rollout import RolloutEnv, load_rollout_env, merge_rollout_metrics, sample_rollout
-from minillm.train import run_config_dict, train
-from minillm.utils import pick_device
+from minillm.runs import Run
+from minillm.stages.rollout import (
+    RolloutEnv, RolloutSource, load_rollout_env, reference_policy, rl_policy, sample_rollout, train_rl,
+)
 
 __all__ = ["GRPOSource", "grpo_loss_fn", "run_grpo"]
 
 
-class GRPOSource:
+class GRPOSource(RolloutSource):
     """The loop's on-policy batch source: batch_size / group_size prompts x group_size samples per rollout, then
     num_iterations x num_minibatches minibatches of it."""
 
@@ -46,14 +44,8 @@ class GRPOSource:
         if batch_size % method.num_minibatches or (batch_size // method.num_minibatches) % method.group_size:
             raise ValueError(f"GRPO: batch_size {batch_size} must split into {method.num_minibatches} minibatches "
                              f"of whole groups of {method.group_size}")
+        super().__init__()
         self.env, self.policy, self.reference, self.method, self.batch_size = env, policy, reference, method, batch_size
-        self.queue: list[dict[str, torch.Tensor]] = []
-        self.rollouts: list[dict[str, float]] = []
-
-    def __call__(self, split: str, gen: torch.Generator, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
-        if not self.queue:
-            self.queue = self.rollout(gen, step)
-        return self.queue.pop(0)
 
     @torch.no_grad()
     def rollout(self, gen: torch.Generator, step: int) -> list[dict[str, torch.Tensor]]:
@@ -62,16 +54,16 @@ class GRPOSource:
         prompts = torch.randint(len(self.env.prompts), (n_prompts,), generator=gen)
         indices = prompts.repeat_interleave(G).tolist()  # [p0 x G, p1 x G, ...]: consecutive groups
         device = next(self.policy.parameters()).device
-        sample_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+        sample_gen = self.sample_generator(gen, device)
         ro = sample_rollout(self.env, self.policy, self.reference, indices, m.temperature, m.max_new_tokens,
                             sample_gen, m.missing_eos_penalty)
         advantages = group_advantages(ro.scores.float(), G, m.scale_rewards)  # (B,)
         mask = ro.action_mask
         was_training = self.policy.training
         self.policy.eval()
-        entropy = masked_sum_rows(token_entropy(self.policy(ro.input_ids)[:, :-1] / m.temperature), mask)
+        entropy = masked_sum(token_entropy(self.policy(ro.input_ids)[:, :-1] / m.temperature), mask, dim=1)
         self.policy.train(was_training)
-        kl_sum = masked_sum_rows(kl_per_token(ro.logprobs, ro.ref_logprobs, "k1"), mask)
+        kl_sum = masked_sum(kl_per_token(ro.logprobs, ro.ref_logprobs, "k1"), mask, dim=1)
         groups = ro.scores.view(-1, G)
         self.rollouts.append({
             "step": step, "rollout": len(self.rollouts) + 1, "objective/kl": float(kl_sum.mean()),
@@ -125,29 +117,9 @@ def run_grpo(
     method = method or GRPOConfig()
     env = load_rollout_env(init, reward, data, method.max_new_tokens, method.prompt_limit, method.temperature,
                            method.normalize_scores)
-    policy = disable_dropout(apply_peft_spec(disable_dropout(env.policy), peft))
-    if not isinstance(policy, GPT):
-        raise ValueError(f"GRPO needs a GPT policy; the {peft['method']} method wraps it (use lora, vera, krona, ...)")
+    policy = rl_policy(env, peft, "grpo")
     reference = reference_policy(policy, peft)
-    device = pick_device(train_cfg.device)
-    policy.to(device)
-    env.reward_model.to(device)
-    if reference is not None:
-        reference.to(device)
     source = GRPOSource(env, policy, reference, method, train_cfg.batch_size)
-    run_config = run_config_dict(stage="grpo", model=env.base_config["model"], train=train_cfg, grpo=method, peft=peft,
-                                 init=str(init), reward=str(reward), data=str(data))
-    out = Path(out)
-    save_run_files(out, env.tokenizer, run_config)
     log = BatchMetricLog()
-    result = train(policy, train_cfg, source, grpo_loss_fn(method, log), out, run_config=run_config,
-                   desc="grpo" if not peft else f"grpo[{peft['method']}]", has_val=False, progress=progress,
-                   on_policy=True)
-    log.merge_into(out / "metrics.jsonl", train_cfg.grad_accum, train_cfg.eval_iters)
-    merge_rollout_metrics(out / "metrics.jsonl", source.rollouts)
-    stats = rollout_stats(source.rollouts)
-    run_config["stats"] = stats
-    save_run_files(out, env.tokenizer, run_config)
-    save_policy_run(out, policy, run_config, result.step, peft)
-    plot_rollouts(source.rollouts, out / "rollouts.png", "GRPO rollouts")
-    return Run(out, policy.eval(), env.tokenizer, result, stats)
+    return train_rl("grpo", env, policy, policy, reference, source, grpo_loss_fn(method, log), log, train_cfg, method,
+                    peft, out, {"init": init, "reward": reward, "data": data}, progress)

@@ -21,30 +21,27 @@ val/clipfrac, val/explained_variance) and the gold reward of the same samples (o
 """
 from __future__ import annotations
 
-import copy
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from minillm.align.logprobs import token_logprobs
 from minillm.align.ppo import (
-    AdaptiveKLController, FixedKLController, gae, masked_mean, masked_whiten, per_token_rewards, ppo_policy_loss,
-    ppo_value_loss, token_entropy,
+    AdaptiveKLController, FixedKLController, gae, masked_mean, masked_sum, masked_whiten, per_token_rewards,
+    ppo_policy_loss, ppo_value_loss, token_entropy,
 )
 from minillm.align.preferences import BatchMetricLog, disable_dropout
-from minillm.align.logprobs import token_logprobs
 from minillm.config import PPOConfig, TrainConfig
 from minillm.model import GPT
-from minillm.peft.apply import save_adapter
-from minillm.plots import plot_series
-from minillm.runs import Run, apply_peft_spec, load_reward_model, save_run_files
-from minillm.stages.rollout import RolloutEnv, load_rollout_env, merge_rollout_metrics, sample_rollout
-from minillm.train import CKPT_NAME, run_config_dict, train
-from minillm.utils import atomic_torch_save, pick_device
+from minillm.runs import Run, load_reward_model
+from minillm.stages.rollout import (
+    RolloutEnv, RolloutSource, load_rollout_env, reference_policy, rl_policy, sample_rollout, train_rl,
+)
+from minillm.utils import atomic_torch_save
 
-__all__ = ["ActorCritic", "PPOSource", "ppo_loss_fn", "run_ppo", "reference_policy", "save_policy_run"]
+__all__ = ["ActorCritic", "PPOSource", "ppo_loss_fn", "run_ppo"]
 
 
 class ActorCritic(nn.Module):
@@ -72,41 +69,24 @@ class ActorCritic(nn.Module):
         return logits, self.value_head(h).squeeze(-1)
 
 
-def reference_policy(policy: nn.Module, peft: dict[str, Any] | None) -> nn.Module | None:
-    """A frozen copy of the starting policy; None (= adapters disabled) when a PEFT method keeps the base frozen."""
-    if peft and peft["method"] not in ("last_k", "bitfit"):
-        return None
-    ref = copy.deepcopy(policy).eval()
-    return ref.requires_grad_(False)
-
-
-class PPOSource:
-    """The loop's on-policy batch source: a rollout, then num_ppo_epochs x num_minibatches minibatches of it.
-
-    Each rollout's statistics (TRL's names) are kept in `self.rollouts`, one dict per rollout.
-    """
+class PPOSource(RolloutSource):
+    """The loop's on-policy batch source: a rollout, then num_ppo_epochs x num_minibatches minibatches of it."""
 
     def __init__(self, env: RolloutEnv, model: ActorCritic, reference: nn.Module | None, method: PPOConfig,
                  batch_size: int) -> None:
         if batch_size % method.num_minibatches:
             raise ValueError(f"batch_size {batch_size} must be divisible by num_minibatches {method.num_minibatches}")
+        super().__init__()
         self.env, self.model, self.reference, self.method, self.batch_size = env, model, reference, method, batch_size
         self.kl_ctl = (AdaptiveKLController(method.kl_coef, method.target_kl, method.kl_horizon)
                        if method.target_kl is not None else FixedKLController(method.kl_coef))
-        self.queue: list[dict[str, torch.Tensor]] = []
-        self.rollouts: list[dict[str, float]] = []
-
-    def __call__(self, split: str, gen: torch.Generator, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
-        if not self.queue:
-            self.queue = self.rollout(gen, step)
-        return self.queue.pop(0)
 
     @torch.no_grad()
     def rollout(self, gen: torch.Generator, step: int) -> list[dict[str, torch.Tensor]]:
         m, model = self.method, self.model
         indices = torch.randint(len(self.env.prompts), (self.batch_size,), generator=gen).tolist()
         device = next(model.parameters()).device
-        sample_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+        sample_gen = self.sample_generator(gen, device)
         ro = sample_rollout(self.env, model.policy, self.reference, indices, m.temperature, m.max_new_tokens,
                             sample_gen, m.missing_eos_penalty)
         was_training = model.training
@@ -119,9 +99,9 @@ class PPOSource:
                                         m.kl_estimator)
         advantages, returns = gae(rewards, values, mask, m.gamma, m.lam)
         advantages = masked_whiten(advantages, mask) * mask
-        entropy = masked_sum_rows(token_entropy(logits[:, :-1] / m.temperature), mask)
-        kl_sum = masked_sum_rows(kl, mask)  # (B,) per-response KL
-        non_score = masked_sum_rows(-self.kl_ctl.value * kl, mask)
+        entropy = masked_sum(token_entropy(logits[:, :-1] / m.temperature), mask, dim=1)  # (B,) per response
+        kl_sum = masked_sum(kl, mask, dim=1)  # (B,) per-response KL
+        non_score = masked_sum(-self.kl_ctl.value * kl, mask, dim=1)
         var_r = masked_var(returns, mask)
         explained = 1.0 - masked_var(returns - values, mask) / var_r if var_r > 0 else float("nan")
         self.rollouts.append({
@@ -143,11 +123,6 @@ class PPOSource:
             for idx in order.split(size):
                 out.append({k: v[idx] for k, v in batch.items()})
         return out
-
-
-def masked_sum_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum_t x[b, t] over the response tokens of each row, (B,)."""
-    return (x * mask).sum(dim=-1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -176,27 +151,6 @@ def ppo_loss_fn(method: PPOConfig, log: BatchMetricLog):
     return loss_fn
 
 
-def save_policy_run(out: Path, policy: nn.Module, run_config: dict[str, Any], step: int,
-                    peft: dict[str, Any] | None) -> None:
-    """ckpt.pt with the policy alone (what `load_run` reads) and, with PEFT, adapter.pt.
-
-    The loop's checkpoint holds the actor-critic (policy + value head, and the critic); a PPO run is not resumed,
-    so it is replaced by the policy's weights: the run directory then loads like an SFT or DPO run.
-    """
-    atomic_torch_save({"model": policy.state_dict(), "run_config": run_config, "step": step}, out / CKPT_NAME)
-    if peft:
-        save_adapter(policy, out / "adapter.pt")
-
-
-def plot_rollouts(rollouts: list[dict[str, float]], png: Path, title: str) -> None:
-    """Proxy score, gold reward and KL per rollout: reward over-optimisation shows as proxy up, gold down."""
-    x = [r["rollout"] for r in rollouts]
-    plot_series(x, {"proxy score (reward model)": [r["objective/scores"] for r in rollouts],
-                    "gold reward": [r["objective/gold"] for r in rollouts],
-                    "KL(pi || pi_ref) per response": [r["objective/kl"] for r in rollouts]},
-                png, xlabel="rollout", title=title)
-
-
 def run_ppo(
     init: str | os.PathLike,
     reward: str | os.PathLike,
@@ -215,9 +169,7 @@ def run_ppo(
     method = method or PPOConfig()
     env = load_rollout_env(init, reward, data, method.max_new_tokens, method.prompt_limit, method.temperature,
                            method.normalize_scores)
-    policy = disable_dropout(apply_peft_spec(disable_dropout(env.policy), peft))
-    if not isinstance(policy, GPT):
-        raise ValueError(f"PPO needs a GPT policy; the {peft['method']} method wraps it (use lora, vera, krona, ...)")
+    policy = rl_policy(env, peft, "ppo")
     critic, head = None, None
     if method.critic == "separate":
         rm, _, _ = load_reward_model(reward)
@@ -228,34 +180,10 @@ def run_ppo(
             head.bias.zero_()
     model = ActorCritic(policy, critic, head)
     reference = reference_policy(policy, peft)
-    device = pick_device(train_cfg.device)
-    model.to(device)
-    env.reward_model.to(device)
-    if reference is not None:
-        reference.to(device)
     source = PPOSource(env, model, reference, method, train_cfg.batch_size)
-    run_config = run_config_dict(stage="ppo", model=env.base_config["model"], train=train_cfg, ppo=method, peft=peft,
-                                 init=str(init), reward=str(reward), data=str(data))
-    out = Path(out)
-    save_run_files(out, env.tokenizer, run_config)
     log = BatchMetricLog()
-    result = train(model, train_cfg, source, ppo_loss_fn(method, log), out, run_config=run_config,
-                   desc="ppo" if not peft else f"ppo[{peft['method']}]", has_val=False, progress=progress,
-                   on_policy=True)
-    log.merge_into(out / "metrics.jsonl", train_cfg.grad_accum, train_cfg.eval_iters)
-    merge_rollout_metrics(out / "metrics.jsonl", source.rollouts)
-    stats = rollout_stats(source.rollouts)
-    run_config["stats"] = stats
-    save_run_files(out, env.tokenizer, run_config)
-    save_policy_run(out, policy, run_config, result.step, peft)
-    atomic_torch_save({"value_head": model.value_head.state_dict(), "critic": method.critic}, out / "value_head.pt")
-    plot_rollouts(source.rollouts, out / "rollouts.png", "PPO rollouts")
-    return Run(out, policy.eval(), env.tokenizer, result, stats)
-
-
-def rollout_stats(rollouts: list[dict[str, float]]) -> dict[str, Any]:
-    """The last rollout's figures, and the gold reward of the first and last rollouts."""
-    last = rollouts[-1]
-    return {"rollouts": len(rollouts), **{k: v for k, v in last.items() if k not in ("step", "rollout")},
-            "first_rollout_gold": rollouts[0]["objective/gold"],
-            "first_rollout_scores": rollouts[0]["objective/scores"]}
+    run = train_rl("ppo", env, model, policy, reference, source, ppo_loss_fn(method, log), log, train_cfg, method,
+                   peft, out, {"init": init, "reward": reward, "data": data}, progress)
+    atomic_torch_save({"value_head": model.value_head.state_dict(), "critic": method.critic},
+                      run.out / "value_head.pt")
+    return run

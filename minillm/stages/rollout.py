@@ -20,6 +20,7 @@ full forward pass, which is what the loss sees during the update.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -30,18 +31,23 @@ import torch
 import torch.nn as nn
 
 from minillm.align.logprobs import token_logprobs
+from minillm.align.preferences import BatchMetricLog, disable_dropout
 from minillm.align.reward import RewardModel, score_sequences
+from minillm.config import TrainConfig
 from minillm.model import GPT
-from minillm.peft.apply import disable_adapters
-from minillm.runs import load_plain_run, load_reward_model
+from minillm.peft.apply import disable_adapters, save_adapter
+from minillm.plots import plot_series
+from minillm.runs import Run, apply_peft_spec, load_plain_run, load_reward_model, save_run_files
 from minillm.sampling import generate_completions
 from minillm.stages.pairs import read_prompts
 from minillm.tokenizer import Tokenizer
-from minillm.utils import atomic_write_text
+from minillm.train import CKPT_NAME, LossFn, run_config_dict, train
+from minillm.utils import atomic_torch_save, atomic_write_text, pick_device
 from minillm.world import gold_reward, make_world
 
-__all__ = ["CHAT_STAGES", "Rollout", "RolloutEnv", "load_rollout_env", "policy_logprobs", "sample_rollout",
-           "merge_rollout_metrics", "score_normalisation"]
+__all__ = ["CHAT_STAGES", "Rollout", "RolloutEnv", "RolloutSource", "load_rollout_env", "policy_logprobs",
+           "sample_rollout", "merge_rollout_metrics", "score_normalisation", "rl_policy", "reference_policy",
+           "train_rl", "rollout_stats", "save_policy_run", "plot_rollouts"]
 
 # Runs whose model answers in the chat template: a policy for PPO/GRPO must be one of them.
 CHAT_STAGES = ("sft", "dpo", "ppo", "grpo")
@@ -194,3 +200,101 @@ def merge_rollout_metrics(metrics_path: str | os.PathLike, rollouts: list[dict[s
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     rows = sorted(rows + rollouts, key=lambda r: r.get("step", 0))  # stable: a rollout line before its step's loss
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------- what PPO and GRPO stages share
+class RolloutSource:
+    """The loop's on-policy batch source: when its queue is empty, `rollout` samples a batch with the model as it
+    is now and returns the minibatches cut from it; each call hands out the next one. `rollouts` keeps one dict of
+    statistics per rollout (TRL's metric names)."""
+
+    def __init__(self) -> None:
+        self.queue: list[dict[str, torch.Tensor]] = []
+        self.rollouts: list[dict[str, float]] = []
+
+    def __call__(self, split: str, gen: torch.Generator, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        if not self.queue:
+            self.queue = self.rollout(gen, step)
+        return self.queue.pop(0)
+
+    def rollout(self, gen: torch.Generator, step: int) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError  # each algorithm's source says how a rollout becomes minibatches
+
+    @staticmethod
+    def sample_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
+        """A generator on the model's device for sampling, seeded from the loop's (so runs are reproducible)."""
+        return torch.Generator(device=device).manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+
+
+def rl_policy(env: RolloutEnv, peft: dict[str, Any] | None, stage: str) -> GPT:
+    """The policy to train: the starting model (dropout off, as for the reference) with the PEFT method applied."""
+    policy = disable_dropout(apply_peft_spec(disable_dropout(env.policy), peft))
+    if not isinstance(policy, GPT):
+        raise ValueError(f"{stage.upper()} needs a GPT policy; the {peft['method']} method wraps it "
+                         "(use lora, vera, krona, ...)")
+    return policy
+
+
+def reference_policy(policy: nn.Module, peft: dict[str, Any] | None) -> nn.Module | None:
+    """A frozen copy of the starting policy; None (= adapters disabled) when a PEFT method keeps the base frozen."""
+    if peft and peft["method"] not in ("last_k", "bitfit"):
+        return None
+    ref = copy.deepcopy(policy).eval()
+    return ref.requires_grad_(False)
+
+
+def train_rl(stage: str, env: RolloutEnv, model: nn.Module, policy: GPT, reference: nn.Module | None,
+             source: RolloutSource, loss_fn: LossFn, log: BatchMetricLog, train_cfg: TrainConfig, method: Any,
+             peft: dict[str, Any] | None, out: str | os.PathLike, paths: dict[str, str], progress: bool) -> Run:
+    """Train `model` (the policy, or PPO's actor-critic) with `source` and `loss_fn` in `minillm.train`, then write
+    the run: config.json with stats, the policy's ckpt.pt (and adapter.pt), metrics.jsonl with one line per
+    rollout, rollouts.png. `paths` (init, reward, data) go into the run config."""
+    device = pick_device(train_cfg.device)
+    model.to(device)
+    env.reward_model.to(device)
+    if reference is not None:
+        reference.to(device)
+    run_config = run_config_dict(stage=stage, model=env.base_config["model"], train=train_cfg, **{stage: method},
+                                 peft=peft, **{k: str(v) for k, v in paths.items()})
+    out = Path(out)
+    save_run_files(out, env.tokenizer, run_config)
+    result = train(model, train_cfg, source, loss_fn, out, run_config=run_config,
+                   desc=stage if not peft else f"{stage}[{peft['method']}]", has_val=False, progress=progress,
+                   on_policy=True)
+    log.merge_into(out / "metrics.jsonl", train_cfg.grad_accum, train_cfg.eval_iters)
+    merge_rollout_metrics(out / "metrics.jsonl", source.rollouts)
+    stats = rollout_stats(source.rollouts)
+    run_config["stats"] = stats
+    save_run_files(out, env.tokenizer, run_config)
+    save_policy_run(out, policy, run_config, result.step, peft)
+    plot_rollouts(source.rollouts, out / "rollouts.png", f"{stage.upper()} rollouts")
+    return Run(out, policy.eval(), env.tokenizer, result, stats)
+
+
+def rollout_stats(rollouts: list[dict[str, float]]) -> dict[str, Any]:
+    """The last rollout's figures, and the gold reward of the first and last rollouts."""
+    last = rollouts[-1]
+    return {"rollouts": len(rollouts), **{k: v for k, v in last.items() if k not in ("step", "rollout")},
+            "first_rollout_gold": rollouts[0]["objective/gold"],
+            "first_rollout_scores": rollouts[0]["objective/scores"]}
+
+
+def save_policy_run(out: Path, policy: nn.Module, run_config: dict[str, Any], step: int,
+                    peft: dict[str, Any] | None) -> None:
+    """ckpt.pt with the policy alone (what `load_run` reads) and, with PEFT, adapter.pt.
+
+    The loop's checkpoint holds what was trained (PPO: policy + value head, and the critic); an RL run is not
+    resumed, so it is replaced by the policy's weights: the run directory then loads like an SFT or DPO run.
+    """
+    atomic_torch_save({"model": policy.state_dict(), "run_config": run_config, "step": step}, out / CKPT_NAME)
+    if peft:
+        save_adapter(policy, out / "adapter.pt")
+
+
+def plot_rollouts(rollouts: list[dict[str, float]], png: Path, title: str) -> None:
+    """Proxy score, gold reward and KL per rollout: reward over-optimisation shows as proxy up, gold down."""
+    x = [r["rollout"] for r in rollouts]
+    plot_series(x, {"proxy score (reward model)": [r["objective/scores"] for r in rollouts],
+                    "gold reward": [r["objective/gold"] for r in rollouts],
+                    "KL(pi || pi_ref) per response": [r["objective/kl"] for r in rollouts]},
+                png, xlabel="rollout", title=title)
