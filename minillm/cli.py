@@ -20,8 +20,8 @@ import torch
 
 from minillm import assignments
 from minillm.config import (
-    PRESETS, DPOConfig, EvalConfig, GRPOConfig, PairsConfig, PPOConfig, RewardConfig, SFTConfig, TrainConfig,
-    get_preset, override,
+    PRESETS, DistillConfig, DPOConfig, EvalConfig, GRPOConfig, PairsConfig, PPOConfig, RewardConfig, SFTConfig,
+    TrainConfig, get_preset, override,
 )
 from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
 from minillm.model import GPTConfig
@@ -30,6 +30,7 @@ from minillm.pipeline import run_pipeline
 from minillm.runs import load_run
 from minillm.sampling import generate_completions
 from minillm.stages import compare
+from minillm.stages.distill import run_distill, student_base
 from minillm.stages.dpo import run_dpo
 from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
 from minillm.stages.grpo import run_grpo
@@ -46,7 +47,7 @@ DEFAULT_DATA = "data/world"
 DEFAULT_TOKENIZER = "data/tokenizer"
 # The stages whose knobs live in a method dataclass of the preset (`Preset.method(stage)`).
 METHOD_CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "pairs": PairsConfig, "ppo": PPOConfig,
-                  "grpo": GRPOConfig}
+                  "grpo": GRPOConfig, "distill": DistillConfig}
 
 
 # ----------------------------------------------------------------------------- flags from dataclasses
@@ -255,6 +256,19 @@ def cmd_grpo(args: argparse.Namespace) -> None:
                         stage_method(args, "grpo"), peft=peft_spec(args)))
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    student = args.student
+    if student is None:
+        student = Path(args.out) / "student_base"
+        print(f"[distill] pretraining a {args.preset} student on the teacher's corpus into {student}")
+        student_base(args.teacher, args.preset, student)
+    data = args.data or json.loads((Path(args.teacher) / "config.json").read_text()).get("data")
+    if not data:
+        raise ValueError(f"distill: {args.teacher}/config.json names no chat data; give --data")
+    _print_run(run_distill(args.teacher, student, data, args.out, stage_train_config(args, "distill"),
+                           stage_method(args, "distill")))
+
+
 def add_rl_paths(p: argparse.ArgumentParser, out: str) -> None:
     """--init (the chat policy), --reward (the reward model), --data (the prompts) and --out of PPO and GRPO."""
     p.add_argument("--init", default="runs/sft", help="run directory of the chat policy (SFT); also the reference")
@@ -380,6 +394,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_flags(p, "grpo", peft=True)
     add_rl_paths(p, "runs/grpo")
     p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser(
+        "distill", help="knowledge distillation of a chat model into a smaller student (lesson 10)",
+        description="Fine-tune a small pretrained student on the chats: --mode sft (no teacher), word (alpha kd + "
+                    "(1 - alpha) CE), seq (the teacher's greedy answers) or on_policy (GKD: kd on the student's own "
+                    "samples). Without --student, a student of --student-preset's network is first pretrained on "
+                    "the teacher's corpus with the teacher's tokenizer (into OUT/student_base).")
+    p.add_argument("--student-preset", dest="preset", default="cpu-small", choices=sorted(PRESETS),
+                   help="the student's network and its distill TrainConfig (default: cpu-small)")
+    add_dataclass_flags(p, TrainConfig, "distill")
+    add_dataclass_flags(p, DistillConfig, "distill")
+    p.add_argument("--teacher", default="runs/sft", help="run directory of the teacher (a chat model)")
+    p.add_argument("--student", default=None, help="a pretrained student run with the teacher's tokenizer")
+    p.add_argument("--data", default=None, help="chats JSONL (default: the teacher's own SFT data)")
+    p.add_argument("--out", default="runs/distill")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
         "pairs", help="sample N responses per prompt, score them, write best/worst as preference pairs",

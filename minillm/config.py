@@ -169,6 +169,38 @@ def _check_range(owner: str, name: str, value: Any, low: float, high: float | No
         raise ValueError(f"{owner}.{name} must be a number in {bounds}, got {value!r}")
 
 
+DISTILL_MODES = ("sft", "word", "seq", "on_policy")
+DISTILL_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation into a smaller student (`minillm.stages.distill.run_distill`; GKD's names)."""
+
+    mode: str = knob("word", "sft: hard labels only (no teacher, the baseline); word: alpha * kd + (1 - alpha) * CE "
+                             "on the chats (Hinton 2015); seq: CE on the teacher's greedy answers (Kim & Rush 2016); "
+                             "on_policy: kd on the student's own samples in a share lmbda of batches (GKD)",
+                     DISTILL_MODES)
+    kind: str = knob("forward_kl", "the divergence of align.distill.kd_loss", DISTILL_KINDS)
+    temperature: float = knob(2.0, "softmax temperature T of both distributions (kd is scaled by T^2)")
+    alpha: float = knob(0.5, "weight of kd against the hard-label cross-entropy")
+    beta: float = knob(0.5, "JSD mixture weight (0: forward KL, 1: reverse KL; TRL GKD default 0.5)")
+    lmbda: float = knob(0.5, "on_policy: share of batches sampled from the student (TRL GKD default 0.5)")
+    sample_temperature: float = knob(0.9, "on_policy: the student's sampling temperature (TRL GKD default 0.9)")
+    max_new_tokens: int = knob(32, "seq / on_policy: longest generated answer, in tokens")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check_range("DistillConfig", "temperature", self.temperature, 0.0, open_low=True)
+        _check_range("DistillConfig", "alpha", self.alpha, 0.0, 1.0)
+        _check_range("DistillConfig", "beta", self.beta, 0.0, 1.0)
+        _check_range("DistillConfig", "lmbda", self.lmbda, 0.0, 1.0)
+        _check_range("DistillConfig", "sample_temperature", self.sample_temperature, 0.0, open_low=True)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"DistillConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+
+
 @dataclass
 class RolloutConfig:
     """What PPO and GRPO share: how responses are sampled from the policy and scored by the reward model."""
@@ -318,9 +350,15 @@ class Preset:
         max_steps=32, batch_size=64, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0, eval_interval=0,
         eval_iters=1, log_interval=2))
     grpo_method: GRPOConfig = field(default_factory=lambda: GRPOConfig(max_new_tokens=32, missing_eos_penalty=1.0))
+    # Distillation into this preset's network (the student): the same steps and batch for every mode, so each
+    # student sees the same number of chats (lesson 10).
+    distill: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=300, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.0, eval_interval=150,
+        eval_iters=2, log_interval=25))
+    distill_method: DistillConfig = field(default_factory=DistillConfig)
 
     def method(self, stage: str) -> Any:
-        """The method dataclass of `stage` ("sft", "reward", "dpo", "pairs", "ppo", "grpo")."""
+        """The method dataclass of `stage` ("sft", "reward", "dpo", "pairs", "ppo", "grpo", "distill")."""
         return getattr(self, f"{stage}_method")
 
 
@@ -342,6 +380,9 @@ PRESETS: dict[str, Preset] = {
         grpo=TrainConfig(max_steps=4, batch_size=8, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0,
                          eval_interval=0, eval_iters=1, log_interval=2),
         grpo_method=GRPOConfig(group_size=4, max_new_tokens=16, missing_eos_penalty=1.0),
+        distill=TrainConfig(max_steps=6, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.0,
+                            eval_interval=3, eval_iters=1, log_interval=2),
+        distill_method=DistillConfig(max_new_tokens=16),
     ),
     # The default: the whole pipeline in minutes on a 2-core laptop CPU.
     # reward_method loglik: the last-token head alone stays at chance on held-out wrong facts (align/reward.py).
@@ -357,6 +398,19 @@ PRESETS: dict[str, Preset] = {
                            eval_interval=30, eval_iters=2, log_interval=10),
         # DPO moves a model that already produces the chosen answers: a small step (lesson 6 measures 5e-6 vs
         # 2e-5; the larger one unlearns refusals). weight_decay 0 as in TRL.
+        dpo=TrainConfig(max_steps=30, batch_size=32, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
+                        eval_interval=15, eval_iters=2, log_interval=5),
+    ),
+    # The distillation student of lesson 10: the `cpu` network at half the width and half the heads (about a
+    # quarter of its block parameters), pretrained on the same tokens.
+    "cpu-small": Preset(
+        model=GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64, dropout=0.0),
+        pretrain=TrainConfig(max_steps=1200, batch_size=24, lr=3e-3, min_lr=3e-4, warmup_steps=50,
+                             eval_interval=300, eval_iters=8, log_interval=25),
+        sft=TrainConfig(max_steps=500, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.0,
+                        eval_interval=250, eval_iters=4, log_interval=25),
+        reward=TrainConfig(max_steps=60, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=6, weight_decay=0.0,
+                           eval_interval=30, eval_iters=2, log_interval=10),
         dpo=TrainConfig(max_steps=30, batch_size=32, lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0,
                         eval_interval=15, eval_iters=2, log_interval=5),
     ),

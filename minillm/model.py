@@ -112,9 +112,10 @@ class CausalSelfAttention(nn.Module):
         attention with no past. Returns the output (B, T, C) and the (keys, values) including the
         past, which is the cache for the next call.
         """
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, H, T, D)
+        B, T, _ = x.shape
+        inner = self.n_head * self.head_dim  # == n_embd, unless heads were pruned away (minillm.quant.prune)
+        q, k, v = self.c_attn(x).split(inner, dim=2)
+        # (B, T, H * D) -> (B, H, T, D)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -136,7 +137,7 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=causal,
                 dropout_p=self.dropout if self.training else 0.0,
             )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, inner)  # (B, H, T, D) -> (B, T, H * D)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
     def _explicit_attention(
