@@ -30,6 +30,7 @@ from minillm.pipeline import run_pipeline
 from minillm.runs import load_run
 from minillm.sampling import generate_completions
 from minillm.stages import compare
+from minillm.stages.compress import run_compress
 from minillm.stages.distill import run_distill, student_base
 from minillm.stages.dpo import run_dpo
 from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
@@ -269,6 +270,14 @@ def cmd_distill(args: argparse.Namespace) -> None:
                            stage_method(args, "distill")))
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    summary = run_compress(args.base, args.sft, args.data, args.out, student=args.student,
+                           student_preset=args.student_preset, recovery_steps=args.recovery_steps, device=args.device,
+                           distill=not args.no_distill)
+    print(Path(args.out, "report.md").read_text())
+    print(f"summary: {Path(args.out, 'summary.json')} ({len(summary['combined'])} models in the combined table)")
+
+
 def add_rl_paths(p: argparse.ArgumentParser, out: str) -> None:
     """--init (the chat policy), --reward (the reward model), --data (the prompts) and --out of PPO and GRPO."""
     p.add_argument("--init", default="runs/sft", help="run directory of the chat policy (SFT); also the reference")
@@ -324,7 +333,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
 def cmd_pipeline(args: argparse.Namespace) -> None:
     run_pipeline(args.out, args.data, args.tokenizer, args.preset, collect_overrides(args, GPTConfig),
                  collect_overrides(args, TrainConfig), seed_world=args.seed_world, skip=args.skip or [],
-                 seeds=args.seeds)
+                 seeds=args.seeds, with_stages=args.with_stages or [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,6 +421,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
+        "compress", help="lesson 10: pruning, post-training quantization and distillation, cost and effect",
+        description="Prunes the base model (magnitude, Wanda, 2:4, structured heads/neurons; 10%%..90%%, with a "
+                    "recovery fine-tune at 50%%), quantizes it (int8, LLM.int8(), NF4, RTN and GPTQ at 4 and 3 "
+                    "bits), shows the outlier problem, distils the chat model into a smaller student, and puts "
+                    "every method applied to the chat model in one table (OUT/report.md, OUT/summary.json).")
+    p.add_argument("--base", default="runs/pipeline/base", help="the pretrained run (pruning and PTQ curves)")
+    p.add_argument("--sft", default="runs/pipeline/sft", help="the chat model (combined table; the teacher)")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--out", default="runs/compress")
+    p.add_argument("--student", default=None, help="a pretrained student run (default: pretrain one)")
+    p.add_argument("--student-preset", default="cpu-small", choices=sorted(PRESETS),
+                   help="the student's network and distill TrainConfig (default: cpu-small)")
+    p.add_argument("--recovery-steps", type=int, default=100, help="fine-tuning steps after pruning")
+    p.add_argument("--no-distill", action="store_true", help="leave distillation out (faster)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
         "pairs", help="sample N responses per prompt, score them, write best/worst as preference pairs",
         description="On-policy pairs (Llama 2/3 style): y_1..y_N ~ pi(.|x), chosen = argmax score, rejected = "
                     "argmin score, ties skipped; written as prompt/chosen/rejected JSONL for `reward` and `dpo`.")
@@ -486,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean ± std over seeds")
     p.add_argument("--skip", action="append", metavar="STAGE",
                    help="skip a stage (repeatable): pretrain, base_eval, sft, sft_experiments, ...")
+    p.add_argument("--with", dest="with_stages", action="append", metavar="STAGE", choices=["compress"],
+                   help="add an optional stage (repeatable): compress (lesson 10: pruning, quantization, "
+                        "distillation; minutes more on a CPU)")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

@@ -38,6 +38,7 @@ from minillm.plots import plot_frontier, plot_series
 from minillm.runs import load_plain_run, load_run
 from minillm.sampling import generate_completions
 from minillm.stages.compare import compare_qlora
+from minillm.stages.compress import run_compress
 from minillm.stages.dpo import reward_and_kl, run_dpo
 from minillm.stages.evaluate import evaluate_run, report_rows
 from minillm.stages.grpo import run_grpo
@@ -504,6 +505,30 @@ def pipeline_qlora(ctx: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
+# The distillation student of each preset: a smaller network with the same tokenizer.
+STUDENT_PRESETS = {"tiny": "tiny", "cpu": "cpu-small", "cpu-small": "tiny", "gpu": "cpu"}
+
+
+def stage_compress(ctx: Ctx) -> None:
+    """Lesson 10: pruning, post-training quantization and distillation of the pipeline's models, one table."""
+    need_runs(ctx, "compress", "base", "sft")
+    out = ctx["out"] / "compress"
+    preset = get_preset(ctx["preset"])
+    summary = run_compress(ctx["runs"]["base"], ctx["runs"]["sft"], ctx["data"], out,
+                           student_preset=STUDENT_PRESETS[ctx["preset"]],
+                           recovery_steps=max(1, preset.sft.max_steps // 5),
+                           device=ctx["train_overrides"].get("device", "auto"))
+    ctx["summary"]["compress"] = summary
+    rows = {r["model"]: r for r in summary["combined"]}
+    chat = rows["chat model (fp32)"]
+    for name, r in rows.items():
+        if name != "chat model (fp32)":
+            card(ctx, "compress", f"{name}: gold reward (chat model {chat['gold_reward']:.2f}), "
+                                  f"{r['bytes'] / chat['bytes']:.2f}x the bytes", r["gold_reward"])
+    ctx["sections"].append("## Compression\n\nThe whole report: [compress/report.md](compress/report.md)\n\n"
+                           "![pruning](compress/pruning.png)")
+
+
 STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
     ("pretrain", stage_pretrain),
     ("base_eval", stage_base_eval),
@@ -516,6 +541,10 @@ STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
     ("frontier", stage_frontier),
     ("eval", stage_eval),
 ]
+# Run only when asked for (`--with compress`): minutes more on a CPU.
+OPTIONAL_STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
+    ("compress", stage_compress),
+]
 
 
 STAGE_RUN_DIRS = {"pretrain": "base", "sft": "sft", "reward": "rm", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
@@ -526,8 +555,10 @@ def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/wor
                  tokenizer: str | Path = "data/tokenizer", preset: str = "cpu",
                  model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None,
                  seed_world: int = 0, skip: list[str] | tuple[str, ...] = (),
-                 seeds: list[int] | tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Every stage of STAGES in order (except `skip`) from `preset`; train_overrides apply to every stage.
+                 seeds: list[int] | tuple[int, ...] | None = None,
+                 with_stages: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every stage of STAGES in order (except `skip`), then the OPTIONAL_STAGES named in `with_stages`, from
+    `preset`; train_overrides apply to every stage.
 
     With `seeds`, the whole job runs once per training seed (TrainConfig.seed of every stage) into
     out/seed_<s>/, and out/report.md + out/summary.json hold mean ± std over the seeds and each seed's values.
@@ -535,6 +566,10 @@ def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/wor
     unknown = set(skip) - {name for name, _ in STAGES}
     if unknown:
         raise ValueError(f"--skip: unknown stage(s) {sorted(unknown)}; stages are {[n for n, _ in STAGES]}")
+    unknown = set(with_stages) - {name for name, _ in OPTIONAL_STAGES}
+    if unknown:
+        raise ValueError(f"--with: unknown stage(s) {sorted(unknown)}; optional stages are "
+                         f"{[n for n, _ in OPTIONAL_STAGES]}")
     train_overrides = dict(train_overrides or {})
     seed = override(get_preset(preset).pretrain, train_overrides).seed  # a bad flag fails here, before any work
     if seeds is not None:
@@ -542,7 +577,8 @@ def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/wor
             raise ValueError(f"--seeds: need distinct seeds, got {list(seeds)}")
         t0 = time.perf_counter()
         per_seed = {s: run_pipeline(Path(out) / f"seed_{s}", data, tokenizer, preset, model_overrides,
-                                    {**train_overrides, "seed": s}, seed_world, skip) for s in seeds}
+                                    {**train_overrides, "seed": s}, seed_world, skip, with_stages=with_stages)
+                    for s in seeds}
         return write_seeds_report(Path(out), preset, per_seed, time.perf_counter() - t0)
     t_total = time.perf_counter()
     out, data = Path(out), Path(data)
@@ -554,7 +590,7 @@ def run_pipeline(out: str | Path = "runs/pipeline", data: str | Path = "data/wor
                 "summary": {"preset": preset, "device": str(pick_device(train_overrides.get("device", "auto"))),
                             "seed": seed},
                 "timings": {"world+tokenizer": time.perf_counter() - t_total}}
-    for name, stage in STAGES:
+    for name, stage in STAGES + [(n, f) for n, f in OPTIONAL_STAGES if n in with_stages]:
         if name in skip:
             # A skipped training stage reuses the run a previous pipeline left in --out, if any.
             run_dir = out / STAGE_RUN_DIRS.get(name, name)

@@ -79,3 +79,32 @@ def plot_frontier(points: dict[str, list[tuple[float, float]]], png_path: str | 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, png_path)
+
+
+def plot_pruning(rows: list[dict], png: str | Path) -> Path:
+    """Perplexity and fact completion against the share of block weights removed, one line per method."""
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
+    dense = next(r for r in rows if r["method"] == "dense")
+    for key, ax, label in (("ppl", axes[0], "validation perplexity (log scale)"),
+                           ("fact_completion", axes[1], "fact completion")):
+        for method, marker in (("magnitude", "o-"), ("wanda", "s-"), ("structured", "^-")):
+            pts = [(0.0, dense[key])] + [(r["removed"], r[key]) for r in rows
+                                        if r["method"] == method and not r["recovered"]]
+            ax.plot(*zip(*pts), marker, label=method)
+        for r in rows:
+            if r["recovered"]:
+                ax.plot(r["removed"], r[key], "*", ms=11, color="k")
+        two_four = [r for r in rows if r["method"] == "2:4" and not r["recovered"]]
+        if two_four:
+            ax.plot(two_four[0]["removed"], two_four[0][key], "D", color="tab:red", label="2:4 (Wanda)")
+        ax.plot([], [], "*", color="k", label="after recovery (50%)")
+        ax.set_xlabel("share of block weights removed")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if key == "ppl":
+            ax.set_yscale("log")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("pruning the base model")
+    fig.tight_layout()
+    return save_figure(fig, png)

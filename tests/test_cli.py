@@ -8,7 +8,7 @@ import pytest
 from minillm.cli import main
 
 COMMANDS = ["world", "tokenizer", "pretrain", "generate", "sft", "reward", "dpo", "ppo", "grpo", "pairs", "eval",
-            "peft-compare", "qlora-compare", "memory", "pipeline", "assignments", "grade"]
+            "peft-compare", "qlora-compare", "memory", "pipeline", "assignments", "grade", "distill", "compress"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -167,8 +167,12 @@ def run_distill(
     teacher_model.requires_grad_(False).eval()
     block = model.config.block_size
     chats = load_chats(data)
+    differ = None
     if method.mode == "seq":
+        references = chats
         chats = teacher_answers(teacher_model, tok, chats, method.max_new_tokens)
+        # a teacher that reproduces its own training answers gives sequence-level KD nothing new to teach
+        differ = sum(a[-1]["content"] != b[-1]["content"] for a, b in zip(chats, references))
     examples, dropped = encode_chats(tok, chats, block)
     random.Random(train_cfg.seed).shuffle(examples)
     n_val = max(1, len(examples) // 20) if len(examples) > 20 else 0
@@ -198,6 +202,8 @@ def run_distill(
                    desc=f"distill[{method.mode}]", has_val=val_get is not None, progress=progress, on_policy=True)
     if method.mode == "on_policy":
         stats["sampled_batches"] = source.sampled_batches
+    if differ is not None:
+        stats["teacher_answers_differ"] = differ
     return Run(out, model.eval(), tok, result, stats)
 
 
@@ -249,5 +255,6 @@ def distill_experiment(teacher: str | os.PathLike, student: str | os.PathLike, d
         m = DistillConfig(**{**method.__dict__, "mode": mode})
         run = run_distill(teacher, student, data, Path(out) / mode, train_cfg, m, progress=progress)
         rows.append({**chat_model_row(f"student: {mode}", run.model.to(device), tok, test, probes),
-                     "seconds": run.result.seconds})
+                     "seconds": run.result.seconds, **{k: v for k, v in run.stats.items()
+                                                       if k in ("teacher_answers_differ", "sampled_batches")}})
     return rows
