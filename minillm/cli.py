@@ -422,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compress", help="lesson 10: pruning, post-training quantization and distillation, cost and effect",
-        description="Prunes the base model (magnitude, Wanda, 2:4, structured heads/neurons; 10%%..90%%, with a "
-                    "recovery fine-tune at 50%%), quantizes it (int8, LLM.int8(), NF4, RTN and GPTQ at 4 and 3 "
+        description="Prunes the base model (magnitude, Wanda, 2:4, structured heads/neurons; 10%..90%, with a "
+                    "recovery fine-tune at 50%), quantizes it (int8, LLM.int8(), NF4, RTN and GPTQ at 4 and 3 "
                     "bits), shows the outlier problem, distils the chat model into a smaller student, and puts "
                     "every method applied to the chat model in one table (OUT/report.md, OUT/summary.json).")
     p.add_argument("--base", default="runs/pipeline/base", help="the pretrained run (pruning and PTQ curves)")

@@ -184,7 +184,8 @@ class DistillConfig:
     kind: str = knob("forward_kl", "the divergence of align.distill.kd_loss", DISTILL_KINDS)
     temperature: float = knob(2.0, "softmax temperature T of both distributions (kd is scaled by T^2)")
     alpha: float = knob(0.5, "weight of kd against the hard-label cross-entropy")
-    beta: float = knob(0.5, "JSD mixture weight (0: forward KL, 1: reverse KL; TRL GKD default 0.5)")
+    beta: float = knob(0.5, "JSD mixture weight; 0 and 1 are defined as the forward and reverse KL, as in TRL "
+                            "(JSD itself tends to 0 there); TRL GKD default 0.5")
     lmbda: float = knob(0.5, "on_policy: share of batches sampled from the student (TRL GKD default 0.5)")
     sample_temperature: float = knob(0.9, "on_policy: the student's sampling temperature (TRL GKD default 0.9)")
     max_new_tokens: int = knob(32, "seq / on_policy: longest generated answer, in tokens")

@@ -17,8 +17,10 @@ Multiplying by T^2 keeps its scale when T changes, so the mix alpha * kd + (1 - 
 thing at every temperature.
 
 JSD conventions follow TRL's `generalized_jsd_loss` (the GKD paper's Eq. 1): at beta = 0.5 the plain
-Jensen-Shannon divergence; beta = 0 and beta = 1 are taken as the limits, the forward and the reverse KL.
-TRL has no T^2 factor; `kd_loss(...) / T^2` equals TRL's loss.
+Jensen-Shannon divergence. JSD_beta itself goes to 0 as beta -> 0 or 1 (m becomes one of the two
+distributions); what tends to the KLs is JSD_beta / beta (forward) and JSD_beta / (1 - beta) (reverse). TRL, and
+we, *define* beta = 0 as the forward KL and beta = 1 as the reverse KL, so the loss jumps between beta = 0.01
+(nearly 0) and beta = 0. TRL has no T^2 factor; `kd_loss(...) / T^2` equals TRL's loss.
 
 `fit_gaussian` fits one Gaussian to a two-bump mixture under either KL on a 1-D grid: the picture of
 forward KL spreading over both modes and reverse KL settling on one (lesson 10).

@@ -335,7 +335,7 @@ def _capture_hessian(model: nn.Module, layer: nn.Linear, batches: list[torch.Ten
     try:
         for idx in batches:
             try:
-                model(idx)
+                model(idx.to(layer.weight.device))  # calibration tokens may live on the CPU
             except _StopForward:
                 pass
     finally:

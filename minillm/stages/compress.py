@@ -301,7 +301,7 @@ def combined_table(sft_dir: str | os.PathLike, data: Path, test: list[dict[str, 
     chats = load_chats(data / "sft_train.jsonl")
     examples, _ = encode_chats(tok, chats, sft.config.block_size)
     get_batch = sample_batches(examples, 16, tok.pad_id)
-    cfg = recovery_config(recovery_steps, device, lr=1e-4)
+    cfg = recovery_config(recovery_steps, device, lr=5e-4)  # the cpu preset's SFT learning rate
     # (name, model, bits per block weight (None: fp32)); quantised weights that round to 0 are not pruned ones
     variants: list[tuple[str, nn.Module, float | None]] = [("chat model (fp32)", sft, None)]
     for method in ("wanda", "structured"):
