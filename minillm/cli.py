@@ -31,7 +31,7 @@ from minillm.runs import load_run
 from minillm.sampling import generate_completions
 from minillm.stages import compare
 from minillm.stages.compress import run_compress
-from minillm.stages.distill import run_distill, student_base
+from minillm.stages.distill import PRETRAIN_KD, run_distill, student_base
 from minillm.stages.dpo import run_dpo
 from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
 from minillm.stages.grpo import run_grpo
@@ -261,8 +261,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     student = args.student
     if student is None:
         student = Path(args.out) / "student_base"
-        print(f"[distill] pretraining a {args.preset} student on the teacher's corpus into {student}")
-        student_base(args.teacher, args.preset, student)
+        how = " with word-level KD from the teacher's base model" if args.pretrain_kd else ""
+        print(f"[distill] pretraining a {args.preset} student on the teacher's corpus{how} into {student}")
+        student_base(args.teacher, args.preset, student, kd=PRETRAIN_KD if args.pretrain_kd else None)
     data = args.data or json.loads((Path(args.teacher) / "config.json").read_text()).get("data")
     if not data:
         raise ValueError(f"distill: {args.teacher}/config.json names no chat data; give --data")
@@ -416,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, DistillConfig, "distill")
     p.add_argument("--teacher", default="runs/sft", help="run directory of the teacher (a chat model)")
     p.add_argument("--student", default=None, help="a pretrained student run with the teacher's tokenizer")
+    p.add_argument("--pretrain-kd", action="store_true",
+                   help="without --student: pretrain the student with word-level KD (alpha 1, T 1) from the "
+                        "pretraining run of the teacher's lineage instead of cross-entropy alone")
     p.add_argument("--data", default=None, help="chats JSONL (default: the teacher's own SFT data)")
     p.add_argument("--out", default="runs/distill")
     p.set_defaults(func=cmd_distill)

@@ -95,9 +95,11 @@ def plot_pruning(rows: list[dict], png: str | Path) -> Path:
         for r in rows:
             if r["recovered"]:
                 ax.plot(r["removed"], r[key], "*", ms=11, color="k")
-        two_four = [r for r in rows if r["method"] == "2:4" and not r["recovered"]]
-        if two_four:
-            ax.plot(two_four[0]["removed"], two_four[0][key], "D", color="tab:red", label="2:4 (Wanda)")
+        for method, marker, color, label in (("2:4", "D", "tab:red", "2:4 (Wanda)"),
+                                             ("l0", "P", "tab:purple", "L0 gates (structured)")):
+            point = [r for r in rows if r["method"] == method and not r["recovered"]]
+            if point:
+                ax.plot(point[0]["removed"], point[0][key], marker, color=color, label=label)
         ax.plot([], [], "*", color="k", label="after recovery (50%)")
         ax.set_xlabel("share of block weights removed")
         ax.set_ylabel(label)

@@ -63,7 +63,8 @@ def test_run_compress_fills_every_table(tmp_path):
                            device="cpu", sparsities=(0.5,))
     methods = {(r["method"], r["recovered"]) for r in summary["pruning"]}
     assert {("dense", False), ("magnitude", False), ("wanda", False), ("structured", False), ("2:4", False),
-            ("magnitude", True), ("wanda", True), ("2:4", True), ("structured", True)} <= methods
+            ("l0", False), ("magnitude", True), ("wanda", True), ("2:4", True), ("structured", True),
+            ("l0", True)} <= methods
     for r in summary["pruning"]:
         if r["method"] in ("magnitude", "wanda", "2:4"):
             assert r["removed"] == pytest.approx(0.5, abs=1e-6)
@@ -79,7 +80,7 @@ def test_run_compress_fills_every_table(tmp_path):
     assert structured["parameters"] < chat["parameters"] and structured["bytes"] < chat["bytes"]
     assert wanda["parameters"] == chat["parameters"] and wanda["block_weights_kept"] == chat["block_weights_kept"] // 2
     assert rows["NF4 + DQ"]["bytes"] < rows["LLM.int8()"]["bytes"] < chat["bytes"]
-    assert {"student (sft, no teacher)", "student (word KD)"} <= set(rows)
+    assert {"student (SFT, no teacher)", "student (word-level KD in SFT)"} <= set(rows)
     assert [r["model"] for r in summary["distill"]] == ["teacher", "student: sft", "student: word", "student: seq",
                                                         "student: on_policy"]
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -91,3 +92,14 @@ def test_run_compress_fills_every_table(tmp_path):
 def test_pipeline_with_checks_the_optional_stage_names(tmp_path):
     with pytest.raises(ValueError, match="--with: unknown stage"):
         run_pipeline(tmp_path, preset="tiny", with_stages=["compres"])
+
+
+def test_calibration_text_shorter_than_one_block_is_named(tmp_path):
+    base = make_run(tmp_path / "base", CFG, 0, stage="pretrain")
+    data = tmp_path / "world"
+    data.mkdir()
+    for name in ("corpus_val.txt", "probes.jsonl", "sft_test.jsonl", "sft_train.jsonl"):
+        (data / name).write_text((DATA / name).read_text())
+    (data / "corpus_train.txt").write_text("Mira lives in Oakvale.\n")
+    with pytest.raises(ValueError, match="corpus_train.txt: the calibration text has .* shorter than one block"):
+        run_compress(base, base, data, tmp_path / "out", device="cpu", distill=False)

@@ -170,3 +170,24 @@ def test_cli_distill_with_a_given_student(runs, tmp_path, capsys):
     config = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert config["distill"]["kind"] == "jsd" and config["distill"]["temperature"] == 1.5
     assert config["train"]["max_steps"] == 2
+
+
+def test_student_base_with_kd_pretrains_against_the_teachers_base(tmp_path):
+    data = tmp_path / "world"
+    data.mkdir()
+    text = (ROOT / "data" / "world" / "corpus_train.txt").read_text()[:20000]
+    (data / "corpus_train.txt").write_text(text)
+    (data / "corpus_val.txt").write_text(text[:5000])
+    base = make_run(tmp_path / "base", TEACHER, 0, stage="pretrain",
+                    data={"train": str(data / "corpus_train.txt"), "val": str(data / "corpus_val.txt")})
+    sft = make_run(tmp_path / "sft", TEACHER, 0, init=str(base))
+    from minillm.stages.distill import PRETRAIN_KD, student_base
+    fast = cfg(max_steps=2, eval_interval=0)
+    run = student_base(sft, "tiny", tmp_path / "kd_base", train_cfg=fast, progress=False, kd=PRETRAIN_KD)
+    config = json.loads((tmp_path / "kd_base" / "config.json").read_text())
+    assert config["stage"] == "pretrain" and config["teacher"] == str(base)
+    assert config["distill"]["alpha"] == 1.0 and config["data"]["train"] == str(data / "corpus_train.txt")
+    assert run.model.config.n_embd == 64  # the tiny preset's network, the teacher's tokenizer
+    plain = student_base(sft, "tiny", tmp_path / "ce_base", train_cfg=fast, progress=False)
+    assert "distill" not in json.loads((tmp_path / "ce_base" / "config.json").read_text())
+    assert not torch.equal(plain.model.h[0].mlp.c_fc.weight, run.model.h[0].mlp.c_fc.weight)

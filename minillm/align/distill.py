@@ -41,8 +41,10 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     0 * log 0 counts as 0 (xlogy-style via `where`), so a teacher that puts exactly zero mass on a token
     does not produce NaN.
     """
+    # BEGIN ASSIGNMENT kd-divergence
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    # END ASSIGNMENT
 
 
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
@@ -54,6 +56,7 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     Computed in float32 (or float64 if given) whatever the logits' dtype.
     """
     _check_args(student_logits, teacher_logits, None, temperature, kind, beta)
+    # BEGIN ASSIGNMENT kd-divergence
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # student
     log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # teacher
@@ -64,6 +67,7 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     # log m = log(beta p + (1 - beta) q), in log space so that tiny probabilities stay exact
     log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
     return beta * kl_rows(log_p, log_m) + (1 - beta) * kl_rows(log_q, log_m)
+    # END ASSIGNMENT
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,

@@ -3,8 +3,8 @@
 Three experiments on the pipeline's models, then one table:
 
     pruning   on the base model: validation perplexity and fact completion against sparsity 10%..90% for
-              magnitude, Wanda and structured (heads + neurons) pruning, 2:4 at 50%, and each at 50% after a
-              short recovery fine-tune (the masks kept);
+              magnitude, Wanda and structured (heads + neurons) pruning, 2:4 and L0 gates at 50%, and each at
+              50% after a short recovery fine-tune (the masks kept);
     PTQ       on the base model: int8 absmax (per tensor, per row), LLM.int8() (vector-wise + outliers), NF4,
               round-to-nearest and GPTQ at 4 and 3 bits: bits per weight, per-layer reconstruction error,
               perplexity, fact completion; and the outlier demonstration (one input feature of a layer set to
@@ -38,10 +38,10 @@ from minillm.quant.gptq import gptq_quantize_model, layer_reconstruction_error, 
 from minillm.quant.int8 import (Int8Linear, inject_outlier, int8_roundtrip, llm_int8_matmul, outlier_columns,
                                 quantize_model_int8)
 from minillm.quant.nf4 import dequantize_4bit, quantize_4bit
-from minillm.quant.prune import apply_masks, block_linears, prune_model, prune_structured
+from minillm.quant.prune import apply_masks, block_linears, l0_prune, prune_model, prune_structured
 from minillm.runs import load_plain_run
 from minillm.stages.compare import forward_seconds
-from minillm.stages.distill import chat_model_row, distill_experiment, student_base
+from minillm.stages.distill import PRETRAIN_KD, chat_model_row, distill_experiment, student_base
 from minillm.stages.pretrain import lm_loss
 from minillm.tokenizer import Tokenizer
 from minillm.train import train
@@ -49,6 +49,7 @@ from minillm.utils import pick_device, write_json
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RECOVERY_SPARSITY = 0.5
+L0_STEPS = 100  # gate-learning steps of the "l0" method (weights frozen; the recovery fine-tune trains them)
 
 
 # ----------------------------------------------------------------------------- data and figures
@@ -106,9 +107,15 @@ def _nonzero_block_weights(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- pruning
 def pruned_copy(model: GPT, method: str, sparsity: float, calibration: list[torch.Tensor]) -> tuple[GPT, dict]:
-    """A pruned deep copy: "magnitude", "wanda", "2:4" (Wanda scores, N:M groups) or "structured" (heads and MLP
-    neurons removed, each layer by the same fraction). Returns the model and prune stats (masks if unstructured)."""
+    """A pruned deep copy: "magnitude", "wanda", "2:4" (Wanda scores, N:M groups), "structured" (heads and MLP
+    neurons removed by importance, each layer by the same fraction) or "l0" (hard-concrete gates on heads and
+    neurons learned toward the target size, LLM-Shearing's Lagrangian, then removed). Returns the model and prune
+    stats (masks if unstructured)."""
     pruned = copy.deepcopy(model).eval()
+    if method == "l0":  # gates learned toward the target size on the calibration batches, then removal
+        stats = l0_prune(pruned, lambda step: calibration[step % len(calibration)], 1.0 - sparsity, L0_STEPS)
+        return pruned.eval(), {"masks": None, "stats": {k: v for k, v in stats.items()
+                                                        if k not in ("head_gates", "neuron_gates", "history")}}
     if method == "structured":
         stats = prune_structured(pruned, sparsity, sparsity, calibration)
         return pruned, {"masks": None, "stats": stats}
@@ -160,10 +167,10 @@ def pruning_curve(base: GPT, tok: Tokenizer, val_ids: torch.Tensor, train_ids: t
         return random_windows(train_ids, 16, block, gen)
 
     cfg = recovery_config(recovery_steps, device, lr=3e-4)
-    for method in ("magnitude", "wanda", "2:4", "structured"):
+    for method in ("magnitude", "wanda", "2:4", "structured", "l0"):
         pruned, info = pruned_copy(base, method, RECOVERY_SPARSITY, calibration)
         removed = removed_fraction(base, pruned)
-        if method == "2:4":  # 2:4 is one point: before and after recovery
+        if method in ("2:4", "l0"):  # one point each: before and after recovery
             rows.append({"method": method, "sparsity": 0.5, "removed": removed, "recovered": False,
                          **lm_figures(pruned, tok, val_ids, probes)})
         recover(pruned, info["masks"], get_batch, lm_loss, cfg, out / f"recover_{method.replace(':', '_')}")
@@ -336,8 +343,9 @@ def run_compress(base_dir: str | os.PathLike, sft_dir: str | os.PathLike, data: 
                  sparsities: tuple[float, ...] = SPARSITIES) -> dict[str, Any]:
     """All three experiments; writes out/summary.json, out/report.md and out/pruning.png; returns the summary.
 
-    student: a pretrained student run for distillation; None pretrains one of `student_preset`'s network on the
-    teacher's corpus (out/student_base). distill=False leaves the distillation rows out.
+    student: a pretrained student run for distillation; None pretrains two of `student_preset`'s network on the
+    teacher's corpus, one with cross-entropy (out/student_base) and one with word-level KD from the teacher's base
+    model (out/student_base_kd). distill=False leaves the distillation rows out.
     """
     out, data = Path(out), Path(data)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,6 +355,9 @@ def run_compress(base_dir: str | os.PathLike, sft_dir: str | os.PathLike, data: 
     train_ids = tokenize_corpus(data / "corpus_train.txt", tok)
     probes = [r for _, r in read_jsonl(data / "probes.jsonl")]
     test = [r for _, r in read_jsonl(data / "sft_test.jsonl")]
+    if train_ids.numel() < base.config.block_size + 1:
+        raise ValueError(f"{data / 'corpus_train.txt'}: the calibration text has {train_ids.numel()} tokens, shorter "
+                         f"than one block of block_size + 1 = {base.config.block_size + 1}")
     calibration = [b.to(dev) for b in calibration_batches(train_ids, base.config.block_size)]
     summary: dict[str, Any] = {"base": str(base_dir), "sft": str(sft_dir)}
     summary["pruning"] = pruning_curve(base, tok, val_ids, train_ids, probes, calibration, out, sparsities,
@@ -356,16 +367,21 @@ def run_compress(base_dir: str | os.PathLike, sft_dir: str | os.PathLike, data: 
     summary["outliers"] = outlier_demo(base, calibration)
     students: list[tuple[str, nn.Module]] = []
     if distill:
-        if student is None:
-            student = out / "student_base"
+        kd_student = None
+        if student is None:  # two students of the same network: pretrained with CE, and with the teacher's help
+            student, kd_student = out / "student_base", out / "student_base_kd"
             student_base(sft_dir, student_preset, student, progress=False)
+            student_base(sft_dir, student_preset, kd_student, progress=False, kd=PRETRAIN_KD)
         train_cfg = distill_cfg or get_preset(student_preset).distill
         rows = distill_experiment(sft_dir, student, data / "sft_train.jsonl", test, probes, out / "distill",
-                                  train_cfg, distill_method or get_preset(student_preset).distill_method)
+                                  train_cfg, distill_method or get_preset(student_preset).distill_method,
+                                  kd_student=kd_student)
         summary["distill"] = [{k: v for k, v in r.items() if k != "gold_rewards"} for r in rows]
-        for mode in ("sft", "word"):
-            students.append((f"student ({mode}{', no teacher' if mode == 'sft' else ' KD'})",
-                             load_plain_run(out / "distill" / mode)[0]))
+        students.append(("student (SFT, no teacher)", load_plain_run(out / "distill" / "sft")[0]))
+        students.append(("student (word-level KD in SFT)", load_plain_run(out / "distill" / "word")[0]))
+        if kd_student is not None:
+            students.append(("student (KD in pretraining, then SFT)",
+                             load_plain_run(out / "distill" / "kd_pretrain_sft")[0]))
     summary["combined"] = combined_table(sft_dir, data, test, probes, calibration, students, out, recovery_steps,
                                          device)
     for row in summary["combined"]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from minillm.config import DISTILL_MODES, DistillConfig, TrainConfig, get_preset
 from minillm.eval.task import evaluate_instructions, fact_completion_accuracy
 from minillm.runs import Run, load_plain_run, save_run_files
 from minillm.sampling import generate_completions
-from minillm.stages.pretrain import run_pretrain
+from minillm.stages.pretrain import pretrain
 from minillm.stages.sft import freeze_learned_embeddings, pretraining_token_ids
 from minillm.tokenizer import Tokenizer
 from minillm.train import run_config_dict, train
@@ -50,17 +51,16 @@ def check_same_tokenizer(teacher: Tokenizer, student: Tokenizer, teacher_dir: An
                          "needs one vocabulary (pretrain the student with the teacher's tokenizer: --student-preset)")
 
 
-def pretraining_corpus(run_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(corpus_train, corpus_val) of the pretraining run at the root of `run_dir`'s lineage (following `init`)."""
+def pretraining_run(run_dir: str | os.PathLike) -> Path:
+    """The pretraining run at the root of `run_dir`'s lineage (following each run's `init`: dpo -> sft -> base)."""
     seen = Path(run_dir)
-    for _ in range(16):  # sft -> base, dpo -> sft -> base, ...: a lineage is a few runs long
+    for _ in range(16):  # a lineage is a few runs long
         cfg_path = seen / "config.json"
         if not cfg_path.exists():
-            raise FileNotFoundError(f"{cfg_path}: not found (needed to find the teacher's pretraining corpus)")
+            raise FileNotFoundError(f"{cfg_path}: not found (needed to find the teacher's pretraining run)")
         cfg = json.loads(cfg_path.read_text())
-        data = cfg.get("data")
-        if cfg.get("stage") == "pretrain" and isinstance(data, dict):
-            return Path(data["train"]), Path(data["val"])
+        if cfg.get("stage") == "pretrain" and isinstance(cfg.get("data"), dict):
+            return seen
         if not cfg.get("init"):
             break
         seen = Path(cfg["init"])
@@ -68,17 +68,39 @@ def pretraining_corpus(run_dir: str | os.PathLike) -> tuple[Path, Path]:
                      "lineage); give a pretrained student with --student")
 
 
+def pretraining_corpus(run_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """(corpus_train, corpus_val) of the pretraining run of `run_dir`'s lineage."""
+    data = json.loads((pretraining_run(run_dir) / "config.json").read_text())["data"]
+    return Path(data["train"]), Path(data["val"])
+
+
+# Word-level KD while the student pretrains: the teacher's base model scores every position of the corpus
+# (alpha 1 and T = 1: the soft targets alone, as measured best in lesson 10's notebook).
+PRETRAIN_KD = DistillConfig(mode="word", alpha=1.0, temperature=1.0)
+
+
 def student_base(teacher: str | os.PathLike, preset: str, out: str | os.PathLike,
-                 train_cfg: TrainConfig | None = None, progress: bool = True) -> Run:
+                 train_cfg: TrainConfig | None = None, progress: bool = True, kd: DistillConfig | None = None) -> Run:
     """Pretrain a student of `preset`'s network on the teacher's pretraining corpus with the teacher's tokenizer.
 
     Same corpus and tokenizer as the teacher's base model; only the network is smaller. train_cfg defaults to the
-    preset's pretraining config.
+    preset's pretraining config. kd (e.g. `PRETRAIN_KD`): pretrain with `distill_loss` against the pretraining run
+    of the teacher's lineage instead of cross-entropy alone (word-level KD on every corpus position).
     """
-    train_path, _ = pretraining_corpus(teacher)
+    base = pretraining_run(teacher)
+    train_path, val_path = pretraining_corpus(teacher)
     p = get_preset(preset)
-    return run_pretrain(Path(teacher) / "tokenizer", train_path.parent, out, train_cfg or p.pretrain, p.model,
-                        progress=progress)
+    tok = Tokenizer.load(Path(teacher) / "tokenizer")
+    train_cfg = train_cfg or p.pretrain
+    loss_fn, extra = None, {}
+    if kd is not None:
+        teacher_model, teacher_tok, _ = load_plain_run(base, device=pick_device(train_cfg.device))
+        check_same_tokenizer(teacher_tok, tok, base, teacher)
+        loss_fn = distill_loss(teacher_model.requires_grad_(False).eval(), kd)
+        extra = {"distill": asdict(kd), "teacher": str(base)}
+    model, result = pretrain(tok, train_path, val_path, replace(p.model, vocab_size=tok.vocab_size), train_cfg, out,
+                             progress=progress, loss_fn=loss_fn, extra_config=extra)
+    return Run(Path(out), model.eval(), tok, result, {"parameters": model.num_parameters()})
 
 
 def teacher_answers(teacher: nn.Module, tok: Tokenizer, chats: list[list[dict[str, str]]], max_new_tokens: int,
@@ -242,19 +264,25 @@ def chat_model_row(name: str, model: nn.Module, tok: Tokenizer, test: list[dict[
 def distill_experiment(teacher: str | os.PathLike, student: str | os.PathLike, data: str | os.PathLike,
                        test: list[dict[str, Any]], probes: list[dict[str, Any]], out: str | os.PathLike,
                        train_cfg: TrainConfig, method: DistillConfig | None = None,
-                       modes: tuple[str, ...] = DISTILL_MODES, progress: bool = False) -> list[dict[str, Any]]:
+                       modes: tuple[str, ...] = DISTILL_MODES, progress: bool = False,
+                       kd_student: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """The same student, the same steps and batch size, trained in each mode; one row per model, the teacher first.
 
     test: sft_test rows (held-out characters), probes: the world's fact probes. Runs go to out/<mode>.
+    kd_student: a student base pretrained with KD (`student_base(..., kd=PRETRAIN_KD)`): one more row, that base
+    fine-tuned in mode sft (out/kd_pretrain_sft), to compare distillation during pretraining with distillation
+    during fine-tuning.
     """
     method = method or DistillConfig()
     device = pick_device(train_cfg.device)
     teacher_model, tok, _ = load_plain_run(teacher, device=device)
     rows = [chat_model_row("teacher", teacher_model, tok, test, probes)]
-    for mode in modes:
-        m = DistillConfig(**{**method.__dict__, "mode": mode})
-        run = run_distill(teacher, student, data, Path(out) / mode, train_cfg, m, progress=progress)
-        rows.append({**chat_model_row(f"student: {mode}", run.model.to(device), tok, test, probes),
+    runs = [(f"student: {mode}", student, mode, Path(out) / mode) for mode in modes]
+    if kd_student is not None:
+        runs.append(("student pretrained with KD: sft", kd_student, "sft", Path(out) / "kd_pretrain_sft"))
+    for name, base, mode, run_dir in runs:
+        run = run_distill(teacher, base, data, run_dir, train_cfg, replace(method, mode=mode), progress=progress)
+        rows.append({**chat_model_row(name, run.model.to(device), tok, test, probes),
                      "seconds": run.result.seconds, **{k: v for k, v in run.stats.items()
                                                        if k in ("teacher_answers_differ", "sampled_batches")}})
     return rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from minillm.datasets import random_windows, tokenize_corpus
 from minillm.model import GPT, GPTConfig
 from minillm.runs import Run, save_run_files
 from minillm.tokenizer import Tokenizer
-from minillm.train import TrainResult, run_config_dict, train
+from minillm.train import LossFn, TrainResult, run_config_dict, train
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -37,8 +38,14 @@ def pretrain(
     out_dir: str | os.PathLike,
     resume: bool = False,
     progress: bool = True,
+    loss_fn: LossFn | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> tuple[GPT, TrainResult]:
-    """Train a fresh GPT (vocab from the tokenizer) on train_path; writes a loadable run to out_dir."""
+    """Train a fresh GPT (vocab from the tokenizer) on train_path; writes a loadable run to out_dir.
+
+    loss_fn defaults to `lm_loss` (next-token cross-entropy); distillation passes one that also asks a teacher
+    (`minillm.stages.distill.student_base`), and records its settings in `extra_config`.
+    """
     if model_cfg.vocab_size != tokenizer.vocab_size:
         raise ValueError(
             f"model vocab_size {model_cfg.vocab_size} != tokenizer vocab_size {tokenizer.vocab_size}"
@@ -55,9 +62,9 @@ def pretrain(
     model = GPT(model_cfg)
     run_config = run_config_dict(stage="pretrain", model=model_cfg, train=train_cfg,
                                  data={"train": str(train_path), "val": str(val_path)},
-                                 train_tokens=int(train_ids.numel()))
+                                 train_tokens=int(train_ids.numel()), **(extra_config or {}))
     save_run_files(out_dir, tokenizer, run_config)
-    result = train(model, train_cfg, get_batch, lm_loss, out_dir, resume=resume, run_config=run_config,
+    result = train(model, train_cfg, get_batch, loss_fn or lm_loss, out_dir, resume=resume, run_config=run_config,
                    desc="pretrain", progress=progress)
     return model, result
 
