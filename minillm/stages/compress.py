@@ -324,7 +324,12 @@ def combined_table(sft_dir: str | os.PathLike, data: Path, test: list[dict[str, 
     for name, student in students:
         variants.append((name, student.to(dev), None))
     idx = calibration[0][:4]
-    times = forward_seconds({name: m.eval() for name, m, _ in variants}, idx, repeats=5, budget_seconds=2.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU, one thread's CPU time is steady (two: ratios of equal models 0.8-1.5)
+    try:
+        times = forward_seconds({name: m.eval() for name, m, _ in variants}, idx, repeats=10, budget_seconds=4.0)
+    finally:
+        torch.set_num_threads(threads)
     rows = []
     for name, model, bits in variants:
         row = chat_model_row(name, model, tok, test, probes)
