@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.config import TrainConfig
+from minillm.config import DistillConfig, TrainConfig
 from minillm.model import GPT, GPTConfig
 from minillm.pipeline import run_pipeline
 from minillm.runs import save_run_files
@@ -52,15 +52,29 @@ def test_stored_bytes_counts_block_weights_at_their_bits():
     assert stored_bytes(model, 4.0) == 4 * (n_params - n_block) + n_block // 2
 
 
+def small_world(path: Path) -> Path:
+    """A slice of the shipped world: every sixth held-out question and probe, 96 chats, 40k characters of text."""
+    path.mkdir()
+    for name, keep in (("probes.jsonl", 6), ("sft_test.jsonl", 6)):
+        lines = (DATA / name).read_text().splitlines(keepends=True)
+        (path / name).write_text("".join(lines[::keep]))
+    (path / "sft_train.jsonl").write_text("".join((DATA / "sft_train.jsonl").read_text().splitlines(True)[:96]))
+    (path / "corpus_train.txt").write_text((DATA / "corpus_train.txt").read_text()[:40000])
+    (path / "corpus_val.txt").write_text((DATA / "corpus_val.txt").read_text()[:10000])
+    return path
+
+
 def test_run_compress_fills_every_table(tmp_path):
+    data = small_world(tmp_path / "world")
     base = make_run(tmp_path / "base", CFG, 0, stage="pretrain",
-                    data={"train": str(DATA / "corpus_train.txt"), "val": str(DATA / "corpus_val.txt")})
-    sft = make_run(tmp_path / "sft", CFG, 1, stage="sft", init=str(base), data=str(DATA / "sft_train.jsonl"))
+                    data={"train": str(data / "corpus_train.txt"), "val": str(data / "corpus_val.txt")})
+    sft = make_run(tmp_path / "sft", CFG, 1, stage="sft", init=str(base), data=str(data / "sft_train.jsonl"))
     student = make_run(tmp_path / "student", STUDENT, 2, stage="pretrain")
     fast = TrainConfig(max_steps=2, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=0, weight_decay=0.0,
                        eval_interval=0, eval_iters=1, log_interval=1, device="cpu")
-    summary = run_compress(base, sft, DATA, tmp_path / "out", student=student, distill_cfg=fast, recovery_steps=2,
-                           device="cpu", sparsities=(0.5,))
+    summary = run_compress(base, sft, data, tmp_path / "out", student=student, distill_cfg=fast, recovery_steps=2,
+                           device="cpu", sparsities=(0.5,), distill_method=DistillConfig(max_new_tokens=8),
+                           timing_seconds=0.1)
     methods = {(r["method"], r["recovered"]) for r in summary["pruning"]}
     assert {("dense", False), ("magnitude", False), ("wanda", False), ("structured", False), ("2:4", False),
             ("l0", False), ("magnitude", True), ("wanda", True), ("2:4", True), ("structured", True),

@@ -191,3 +191,12 @@ def test_student_base_with_kd_pretrains_against_the_teachers_base(tmp_path):
     plain = student_base(sft, "tiny", tmp_path / "ce_base", train_cfg=fast, progress=False)
     assert "distill" not in json.loads((tmp_path / "ce_base" / "config.json").read_text())
     assert not torch.equal(plain.model.h[0].mlp.c_fc.weight, run.model.h[0].mlp.c_fc.weight)
+
+
+def test_chats_longer_than_the_students_context_are_named(runs, tmp_path):
+    teacher, student, _ = runs
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 80},
+                                             {"role": "assistant", "content": "yes"}]}) + "\n")
+    with pytest.raises(ValueError, match="no chat of .*long.jsonl fits the student's context of block_size"):
+        run_distill(teacher, student, long, tmp_path / "out", cfg(), DistillConfig(), progress=False)

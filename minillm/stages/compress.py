@@ -300,8 +300,10 @@ def stored_bytes(model: nn.Module, block_bits: float | None = None) -> int:
 
 def combined_table(sft_dir: str | os.PathLike, data: Path, test: list[dict[str, Any]], probes: list[dict[str, Any]],
                    calibration: list[torch.Tensor], students: list[tuple[str, nn.Module]], out: Path,
-                   recovery_steps: int = 100, device: str = "cpu") -> list[dict[str, Any]]:
-    """Each method applied to the chat model, plus the distilled students: cost and effect in one row each."""
+                   recovery_steps: int = 100, device: str = "cpu", timing_seconds: float = 4.0
+                   ) -> list[dict[str, Any]]:
+    """Each method applied to the chat model, plus the distilled students: cost and effect in one row each.
+    timing_seconds: about how long the latency measurement may take (at least 10 rounds)."""
     dev = calibration[0].device
     sft, tok, _ = load_plain_run(sft_dir, device=dev)
     group = gptq_group(sft)
@@ -327,7 +329,8 @@ def combined_table(sft_dir: str | os.PathLike, data: Path, test: list[dict[str, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared CPU, one thread's CPU time is steady (two: ratios of equal models 0.8-1.5)
     try:
-        times = forward_seconds({name: m.eval() for name, m, _ in variants}, idx, repeats=10, budget_seconds=4.0)
+        times = forward_seconds({name: m.eval() for name, m, _ in variants}, idx, repeats=10,
+                                budget_seconds=timing_seconds)
     finally:
         torch.set_num_threads(threads)
     rows = []
@@ -345,7 +348,7 @@ def run_compress(base_dir: str | os.PathLike, sft_dir: str | os.PathLike, data: 
                  out: str | os.PathLike, student: str | os.PathLike | None = None, student_preset: str = "cpu-small",
                  distill_cfg: TrainConfig | None = None, distill_method: DistillConfig | None = None,
                  recovery_steps: int = 100, device: str = "auto", distill: bool = True,
-                 sparsities: tuple[float, ...] = SPARSITIES) -> dict[str, Any]:
+                 sparsities: tuple[float, ...] = SPARSITIES, timing_seconds: float = 4.0) -> dict[str, Any]:
     """All three experiments; writes out/summary.json, out/report.md and out/pruning.png; returns the summary.
 
     student: a pretrained student run for distillation; None pretrains two of `student_preset`'s network on the
@@ -388,7 +391,7 @@ def run_compress(base_dir: str | os.PathLike, sft_dir: str | os.PathLike, data: 
             students.append(("student (KD in pretraining, then SFT)",
                              load_plain_run(out / "distill" / "kd_pretrain_sft")[0]))
     summary["combined"] = combined_table(sft_dir, data, test, probes, calibration, students, out, recovery_steps,
-                                         device)
+                                         device, timing_seconds)
     for row in summary["combined"]:
         row.pop("gold_rewards", None)
     write_json(out / "summary.json", summary)

@@ -199,6 +199,10 @@ def run_distill(
     random.Random(train_cfg.seed).shuffle(examples)
     n_val = max(1, len(examples) // 20) if len(examples) > 20 else 0
     val, train_ex = examples[:n_val], examples[n_val:]
+    if not train_ex:
+        raise ValueError(f"distill: no chat of {data} fits the student's context of block_size + 1 = {block + 1} "
+                         f"tokens ({dropped} of {len(chats)} dropped as too long"
+                         f"{'; seq mode: the teacher answers with up to max_new_tokens tokens' if differ else ''})")
     val_get = sample_batches(val, train_cfg.batch_size, tok.pad_id) if val else None
     if method.mode == "on_policy":
         prompts = [tok.apply_chat_template(c[:-1], add_generation_prompt=True)[0] for c in chats]
