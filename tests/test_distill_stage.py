@@ -50,8 +50,8 @@ def write_chats(path: Path) -> Path:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.0, "eval_interval": 2,
-                "eval_iters": 1, "log_interval": 2, "device": "cpu", "dtype": "float32"}
+    base = {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.0,
+            "eval_interval": 2, "eval_iters": 1, "log_interval": 2, "device": "cpu", "dtype": "float32"}
     return TrainConfig(**{**base, **kw})
 
 

@@ -505,7 +505,8 @@ def _select(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Ten
 
 
 def hard_concrete_z(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """A training sample: s = sigmoid((log u - log(1 - u) + log alpha) / beta), z = clamp(s (zeta - gamma) + gamma, 0, 1).
+    """A training sample: s = sigmoid((log u - log(1 - u) + log alpha) / beta),
+    z = clamp(s (zeta - gamma) + gamma, 0, 1).
 
     The stretch to (gamma, zeta) = (-0.1, 1.1) and the clamp give z exactly 0 or 1 with positive
     probability, while z stays differentiable in log alpha (reparameterisation through u).
