@@ -94,6 +94,7 @@ def test_run_compress_fills_every_table(tmp_path):
     assert structured["parameters"] < chat["parameters"] and structured["bytes"] < chat["bytes"]
     assert wanda["parameters"] == chat["parameters"] and wanda["block_weights_kept"] == chat["block_weights_kept"] // 2
     assert rows["NF4 + DQ"]["bytes"] < rows["LLM.int8()"]["bytes"] < chat["bytes"]
+    assert rows["LLM.int8()"]["parameters"] == rows["NF4 + DQ"]["parameters"] == chat["parameters"]
     assert {"student (SFT, no teacher)", "student (word-level KD in SFT)"} <= set(rows)
     assert [r["model"] for r in summary["distill"]] == ["teacher", "student: sft", "student: word", "student: seq",
                                                         "student: on_policy"]
