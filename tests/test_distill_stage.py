@@ -20,6 +20,7 @@ from minillm.stages.distill import (
     OnPolicyDistillSource,
     distill_loss,
     pretraining_corpus,
+    pretraining_run,
     run_distill,
     teacher_answers,
 )
@@ -200,3 +201,11 @@ def test_chats_longer_than_the_students_context_are_named(runs, tmp_path):
                                              {"role": "assistant", "content": "yes"}]}) + "\n")
     with pytest.raises(ValueError, match="no chat of .*long.jsonl fits the student's context of block_size"):
         run_distill(teacher, student, long, tmp_path / "out", cfg(), DistillConfig(), progress=False)
+
+
+def test_lineage_found_from_another_folder(tmp_path, monkeypatch):
+    runs = tmp_path / "pipeline"
+    base = make_run(runs / "base", TEACHER, 0, stage="pretrain", data={"train": "t.txt", "val": "v.txt"})
+    make_run(runs / "sft", TEACHER, 0, init="somewhere/else/base")  # recorded relative to another working folder
+    monkeypatch.chdir(tmp_path)
+    assert pretraining_run(runs / "sft") == base

@@ -57,15 +57,26 @@ def pretraining_run(run_dir: str | os.PathLike) -> Path:
     for _ in range(16):  # a lineage is a few runs long
         cfg_path = seen / "config.json"
         if not cfg_path.exists():
-            raise FileNotFoundError(f"{cfg_path}: not found (needed to find the teacher's pretraining run)")
+            raise FileNotFoundError(f"{cfg_path}: not found (needed to find the teacher's pretraining run; run from "
+                                    "the folder the teacher was trained in, or give --student)")
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("stage") == "pretrain" and isinstance(cfg.get("data"), dict):
             return seen
         if not cfg.get("init"):
             break
-        seen = Path(cfg["init"])
+        seen = _init_dir(seen, cfg["init"])
     raise ValueError(f"distill: cannot find the pretraining corpus of {run_dir} (no pretraining run in its "
                      "lineage); give a pretrained student with --student")
+
+
+def _init_dir(run_dir: Path, init: str) -> Path:
+    """A run's `init` as recorded (relative to where that command ran), or else the sibling folder of that name
+    (the pipeline's layout: base/, sft/, dpo/ side by side), so a moved or copied pipeline folder still works."""
+    recorded = Path(init)
+    if recorded.exists() or recorded.is_absolute():
+        return recorded
+    sibling = run_dir.parent / recorded.name
+    return sibling if sibling.exists() else recorded
 
 
 def pretraining_corpus(run_dir: str | os.PathLike) -> tuple[Path, Path]:
