@@ -23,7 +23,7 @@ SLOW = os.environ.get("MINILLM_SLOW_TESTS") == "1"
 
 
 # The default suite grades a few quick assignments; a slow test below grades all of them (about 50 s).
-QUICK = ["attention-explicit", "sampling-top-k", "sampling-top-p", "mcq-choose", "grpo-advantages"]
+QUICK = ["attention-explicit", "sampling-top-k", "sampling-top-p", "mcq-choose"]
 
 
 def test_solution_tree_gets_full_points_and_students_copy_gets_none(tmp_path):
