@@ -229,21 +229,7 @@ def input_norms_from_calibration(model: GPT, batches: Iterable[torch.Tensor]) ->
             sq_sums[name] += (x * x).sum(dim=0)
         return hook
 
-    handles = [lin.register_forward_hook(hook_for(name)) for name, lin in linears.items()]
-    was_training = model.training
-    model.eval()
-    n_batches = 0
-    try:
-        for idx in batches:
-            _check_ids(idx, "batches")
-            model(idx.to(model.wte.weight.device))
-            n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if n_batches == 0:
-        raise ValueError("batches must hold at least one calibration batch")
+    _run_no_grad(model, batches, [lin.register_forward_hook(hook_for(name)) for name, lin in linears.items()])
     return {name: s.sqrt().float() for name, s in sq_sums.items()}
 
 
