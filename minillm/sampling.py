@@ -62,6 +62,46 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@torch.no_grad()
+def kv_cache_step(model: GPT, token: torch.Tensor, past: list[KV] | None) -> tuple[torch.Tensor, list[KV]]:
+    """One decode step written out by hand: the newest token (B,) against each layer's cached keys and values.
+
+    With t = T_past (the number of cached positions) and h = wte[token] + wpe[t], for every layer l:
+
+        q, k, v = split(c_attn(LN_1 h))          one new row each, (B, H, 1, D) after the head split
+        K_l <- [K_l ; k],  V_l <- [V_l ; v]      append along time; earlier rows are never recomputed
+        h <- h + c_proj(softmax(q K_l^T / sqrt(D)) V_l)
+        h <- h + MLP(LN_2 h)
+
+    and the logits are lm_head(LN_f h). No mask: the newest token may attend to every cached one. `generate`
+    does the same through `GPT.forward(..., past_key_values=past)`; this function is the step spelled out.
+    Returns the next-token logits (B, vocab_size) and the cache including this token.
+    """
+    t_past = 0 if past is None else past[0][0].shape[2]
+    if t_past >= model.config.block_size:
+        raise ValueError(f"kv_cache_step: the cache already holds block_size={model.config.block_size} positions")
+    # BEGIN ASSIGNMENT kv-cache-step
+    h = model.wte(token[:, None]) + model.wpe.weight[t_past]  # (B, 1, C)
+    presents: list[KV] = []
+    for i, block in enumerate(model.h):
+        attn = block.attn
+        B = h.shape[0]
+        inner = attn.n_head * attn.head_dim
+        q, k, v = attn.c_attn(block.ln_1(h)).split(inner, dim=2)
+        # (B, 1, H * D) -> (B, H, 1, D)
+        q, k, v = (z.view(B, 1, attn.n_head, attn.head_dim).transpose(1, 2) for z in (q, k, v))
+        if past is not None:
+            k = torch.cat([past[i][0], k], dim=2)  # (B, H, t_past + 1, D)
+            v = torch.cat([past[i][1], v], dim=2)
+        weights = torch.softmax(q @ k.transpose(-2, -1) / attn.head_dim ** 0.5, dim=-1)  # (B, H, 1, t_past + 1)
+        y = (weights @ v).transpose(1, 2).reshape(B, 1, inner)  # (B, H, 1, D) -> (B, 1, H * D)
+        h = h + attn.c_proj(y)
+        h = h + block.mlp(block.ln_2(h))
+        presents.append((k, v))
+    return model.lm_head(model.ln_f(h))[:, -1, :], presents
+    # END ASSIGNMENT
+
+
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists to one (B, T) tensor; returns (ids, attention_mask) with 1 on real tokens."""
     if not prompts or any(len(p) == 0 for p in prompts):
