@@ -20,7 +20,8 @@ import torch
 
 from minillm import assignments
 from minillm.config import (
-    PRESETS, DistillConfig, DPOConfig, EvalConfig, GRPOConfig, PairsConfig, PPOConfig, RewardConfig, SFTConfig,
+    PRESETS, DistillConfig, DPOConfig, EvalConfig, GRPOConfig, PairsConfig, PPOConfig,
+    ReasoningConfig, RewardConfig, SFTConfig,
     TrainConfig, get_preset, override,
 )
 from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
@@ -38,6 +39,7 @@ from minillm.stages.grpo import run_grpo
 from minillm.stages.pairs import run_pairs
 from minillm.stages.ppo import run_ppo
 from minillm.stages.pretrain import run_pretrain
+from minillm.stages.reasoning import run_reasoning
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer
@@ -48,7 +50,7 @@ DEFAULT_DATA = "data/world"
 DEFAULT_TOKENIZER = "data/tokenizer"
 # The stages whose knobs live in a method dataclass of the preset (`Preset.method(stage)`).
 METHOD_CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "pairs": PairsConfig, "ppo": PPOConfig,
-                  "grpo": GRPOConfig, "distill": DistillConfig}
+                  "grpo": GRPOConfig, "distill": DistillConfig, "reasoning": ReasoningConfig}
 
 
 # ----------------------------------------------------------------------------- flags from dataclasses
@@ -279,10 +281,21 @@ def cmd_compress(args: argparse.Namespace) -> None:
     print(f"summary: {Path(args.out, 'summary.json')} ({len(summary['combined'])} models in the combined table)")
 
 
+def cmd_reasoning(args: argparse.Namespace) -> None:
+    rl_cfg = get_preset(args.preset).reasoning_rl
+    if args.rl_steps is not None:
+        rl_cfg = override(rl_cfg, {"max_steps": args.rl_steps})
+    run_reasoning(args.base, args.data, args.out, stage_train_config(args, "reasoning"), rl_cfg,
+                  stage_method(args, "reasoning"), chat=args.chat, reward=args.reward, progress=True)
+    print(Path(args.out, "report.md").read_text())
+    print(f"summary: {Path(args.out, 'summary.json')}")
+
+
 def add_rl_paths(p: argparse.ArgumentParser, out: str) -> None:
     """--init (the chat policy), --reward (the reward model), --data (the prompts) and --out of PPO and GRPO."""
     p.add_argument("--init", default="runs/sft", help="run directory of the chat policy (SFT); also the reference")
-    p.add_argument("--reward", default="runs/rm", help="run directory of the reward model (`minillm reward`)")
+    p.add_argument("--reward", default="runs/rm", help="run directory of the reward model (`minillm reward`), or "
+                   "'verifier': 1 for a right final answer, else 0 (sums and two-hop questions; lesson 11)")
     p.add_argument("--data", default=f"{DEFAULT_DATA}/sft_train.jsonl",
                    help="prompts: JSONL with a 'prompt' field, or chats (the prompt is everything before the answer)")
     p.add_argument("--out", default=out)
@@ -443,6 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser(
+        "reasoning", help="lesson 11: chain of thought, beam search, self-consistency, best-of-N and RLVR",
+        description="SFT from --base on direct vs worked (scratchpad / chain-of-thought) answers to the world's sums "
+                    "and two-hop questions; prompting (zero-shot, few-shot, zero-shot CoT) of the base and --chat "
+                    "models; greedy vs beam vs sampling; accuracy with N samples (majority vote, best-of-N by the "
+                    "verifier or the --reward model, weighted vote); GRPO with the verifier as reward. Writes "
+                    "OUT/report.md, OUT/summary.json, OUT/scaling.png.")
+    add_stage_flags(p, "reasoning")
+    p.add_argument("--base", default="runs/pipeline/base", help="the pretrained run both SFT runs start from")
+    p.add_argument("--chat", default=None, help="a chat SFT run for the prompting rows (e.g. runs/pipeline/sft)")
+    p.add_argument("--reward", default=None, help="a reward-model run for best-of-N and weighted voting")
+    p.add_argument("--rl-steps", type=int, default=None, help="GRPO steps with the verifier (default: the preset's)")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--out", default="runs/reasoning")
+    p.set_defaults(func=cmd_reasoning)
+
+    p = sub.add_parser(
         "pairs", help="sample N responses per prompt, score them, write best/worst as preference pairs",
         description="On-policy pairs (Llama 2/3 style): y_1..y_N ~ pi(.|x), chosen = argmax score, rejected = "
                     "argmin score, ties skipped; written as prompt/chosen/rejected JSONL for `reward` and `dpo`.")
@@ -517,9 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean ± std over seeds")
     p.add_argument("--skip", action="append", metavar="STAGE",
                    help="skip a stage (repeatable): pretrain, base_eval, sft, sft_experiments, ...")
-    p.add_argument("--with", dest="with_stages", action="append", metavar="STAGE", choices=["compress"],
+    p.add_argument("--with", dest="with_stages", action="append", metavar="STAGE", choices=["compress", "reasoning"],
                    help="add an optional stage (repeatable): compress (lesson 10: pruning, quantization, "
-                        "distillation; minutes more on a CPU)")
+                        "distillation), reasoning (lesson 11: chain of thought, test-time compute, RLVR); "
+                        "minutes more each on a CPU")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

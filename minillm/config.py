@@ -203,6 +203,31 @@ class DistillConfig:
 
 
 @dataclass
+class ReasoningConfig:
+    """Lesson 11's experiments (`minillm.stages.reasoning.run_reasoning`)."""
+
+    eval_limit: int = knob(100, "held-out sums evaluated (every held-out two-hop question is)")
+    max_new_tokens: int = knob(72, "longest answer in tokens (a three-digit scratchpad takes about 60)")
+    shots: int = knob(2, "in-context examples in the few-shot prompts (as many as fit the context)")
+    beam_width: int = knob(4, "beams of the beam-search row")
+    length_penalty: float = knob(1.0, "beam search: score = sum log p / length ** length_penalty")
+    temperature: float = knob(0.7, "sampling temperature of the test-time-compute pool")
+    n_max: int = knob(32, "samples per question in the pool: N = 1, 2, 4, ... n_max")
+    pool_limit: int = knob(48, "questions per task in the test-time-compute pool")
+    rl_group_size: int = knob(8, "RLVR: GRPO responses per prompt")
+
+    def __post_init__(self) -> None:
+        for name in ("eval_limit", "max_new_tokens", "beam_width", "n_max", "pool_limit", "rl_group_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ReasoningConfig.{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
+            raise ValueError(f"ReasoningConfig.shots must be an int >= 0, got {self.shots!r}")
+        _check_range("ReasoningConfig", "temperature", self.temperature, 0.0, open_low=True)
+        _check_range("ReasoningConfig", "length_penalty", self.length_penalty, -10.0, 10.0)
+
+
+@dataclass
 class RolloutConfig:
     """What PPO and GRPO share: how responses are sampled from the policy and scored by the reward model."""
 
@@ -357,9 +382,17 @@ class Preset:
         max_steps=300, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=20, weight_decay=0.0, eval_interval=150,
         eval_iters=2, log_interval=25))
     distill_method: DistillConfig = field(default_factory=DistillConfig)
+    # Lesson 11: the direct-answer and the worked-answer SFT runs (same steps), then GRPO with the verifier.
+    reasoning: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=1500, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.0, eval_interval=500,
+        eval_iters=4, log_interval=50))
+    reasoning_rl: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=40, batch_size=64, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0, eval_interval=0,
+        eval_iters=1, log_interval=4))
+    reasoning_method: ReasoningConfig = field(default_factory=ReasoningConfig)
 
     def method(self, stage: str) -> Any:
-        """The method dataclass of `stage` ("sft", "reward", "dpo", "pairs", "ppo", "grpo", "distill")."""
+        """The method dataclass of `stage` ("sft", "reward", "dpo", "pairs", "ppo", "grpo", "distill", "reasoning")."""
         return getattr(self, f"{stage}_method")
 
 
@@ -384,6 +417,13 @@ PRESETS: dict[str, Preset] = {
         distill=TrainConfig(max_steps=6, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.0,
                             eval_interval=3, eval_iters=1, log_interval=2),
         distill_method=DistillConfig(max_new_tokens=16),
+        reasoning=TrainConfig(max_steps=6, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.0,
+                              eval_interval=3, eval_iters=1, log_interval=2),
+        reasoning_rl=TrainConfig(max_steps=2, batch_size=8, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0,
+                                 eval_interval=0, eval_iters=1, log_interval=1),
+        # the tiny context (64 tokens) holds no three-digit scratchpad: the code path runs, the answers are cut
+        reasoning_method=ReasoningConfig(eval_limit=6, max_new_tokens=20, shots=1, beam_width=2, n_max=4,
+                                         pool_limit=3, rl_group_size=4),
     ),
     # The default: the whole pipeline in minutes on a 2-core laptop CPU.
     # reward_method loglik: the last-token head alone stays at chance on held-out wrong facts (align/reward.py).

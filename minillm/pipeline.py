@@ -39,6 +39,7 @@ from minillm.runs import load_plain_run, load_run
 from minillm.sampling import generate_completions
 from minillm.stages.compare import compare_qlora
 from minillm.stages.compress import run_compress
+from minillm.stages.reasoning import run_reasoning
 from minillm.stages.dpo import reward_and_kl, run_dpo
 from minillm.stages.evaluate import evaluate_run, report_rows
 from minillm.stages.grpo import run_grpo
@@ -529,6 +530,25 @@ def stage_compress(ctx: Ctx) -> None:
                            "![pruning](compress/pruning.png)")
 
 
+def stage_reasoning(ctx: Ctx) -> None:
+    """Lesson 11: direct vs worked-answer SFT, prompting, decoding, test-time compute and RLVR, one report."""
+    need_runs(ctx, "reasoning", "base", "sft")
+    preset = get_preset(ctx["preset"])
+    out = ctx["out"] / "reasoning"
+    s = run_reasoning(ctx["runs"]["base"], ctx["data"], out, train_config(ctx, "reasoning"),
+                      train_config(ctx, "reasoning_rl"), preset.reasoning_method, chat=ctx["runs"]["sft"],
+                      reward=ctx["runs"].get("rm"))
+    ctx["summary"]["reasoning"] = s
+    for fmt in ("direct", "cot"):
+        for task in ("addition", "two_hop"):
+            card(ctx, "reasoning", f"SFT on {fmt} answers: held-out {task} accuracy", s["sft"][fmt][task]["accuracy"])
+    n_max = str(preset.reasoning_method.n_max)
+    card(ctx, "reasoning", f"addition, majority vote of {n_max} samples", s["scaling"]["addition"][n_max]["majority"])
+    card(ctx, "reasoning", "addition after GRPO with the verifier (RLVR)", s["rlvr"]["after"]["addition"])
+    ctx["sections"].append("## Reasoning\n\nThe whole report: [reasoning/report.md](reasoning/report.md)\n\n"
+                           "![test-time compute](reasoning/scaling.png)")
+
+
 STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
     ("pretrain", stage_pretrain),
     ("base_eval", stage_base_eval),
@@ -544,6 +564,7 @@ STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
 # Run only when asked for (`--with compress`): minutes more on a CPU.
 OPTIONAL_STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
     ("compress", stage_compress),
+    ("reasoning", stage_reasoning),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Decoding: greedy, temperature, top-k and top-p (nucleus) sampling, with or without a KV cache.
+"""Decoding: greedy, temperature, top-k and top-p (nucleus) sampling, and beam search, with or without a KV cache.
 
 At each step the model gives logits z over the vocabulary for the next token, and
 
@@ -8,10 +8,17 @@ At each step the model gives logits z over the vocabulary for the next token, an
 
 Without a cache every step re-runs the whole sequence: O(T^2) work for T tokens. With the KV cache the
 keys and values of earlier tokens are kept, and each step runs only the newest token against them.
+
+Beam search keeps the W most likely partial continuations instead of one, and ranks finished ones by
+
+    score(y) = sum_t log p(y_t | x, y_<t) / |y| ** length_penalty        |y| = new tokens, eos included
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from minillm.model import GPT, KV
 
@@ -207,3 +214,139 @@ def generate_completions(
                 row = row[: row.index(eos_id)]
             out.append(row)
     return out
+
+
+def _check_beam_args(model: GPT, T: int, beam_width: int, max_new_tokens: int) -> None:
+    V, block = model.config.vocab_size, model.config.block_size
+    if isinstance(beam_width, bool) or not isinstance(beam_width, int) or not 1 <= beam_width <= V:
+        raise ValueError(f"beam_width must be an int in 1..vocab_size={V}, got {beam_width!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if T < 1 or T + max_new_tokens > block:
+        raise ValueError(f"beam_search: a prompt of {T} tokens plus max_new_tokens={max_new_tokens} does not fit the "
+                         f"context of block_size={block} tokens (shorten the prompt or lower max_new_tokens)")
+
+
+def _best_possible(alive: torch.Tensor, length: int, max_new_tokens: int, length_penalty: float) -> torch.Tensor:
+    """An upper bound on the final score of each alive beam (summed log-probs `alive`, `length` tokens so far).
+
+    Log-probabilities are <= 0, so the sum can only fall; with length_penalty > 0 the division by the longest
+    possible length is the most favourable, otherwise the division by the shortest (one more token).
+    """
+    best_length = max_new_tokens if length_penalty > 0 else length + 1
+    return alive / best_length ** length_penalty
+
+
+@torch.no_grad()
+def beam_search(
+    model: GPT,
+    idx: torch.Tensor,
+    beam_width: int,
+    max_new_tokens: int,
+    length_penalty: float = 1.0,
+    eos_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The highest-scoring continuation of each row found with W = beam_width beams, on the KV cache.
+
+    Per row and step: every alive beam y (summed log-prob s_y) is extended by every token v,
+    s_{y+v} = s_y + log p(v | x, y); the 2W best extensions are ranked, an extension by eos_id among the W
+    best finishes with score s / |y+v| ** length_penalty, and the W best other extensions stay alive (their
+    keys and values are reordered in the cache, not recomputed). Beams still alive after max_new_tokens
+    finish too. A row stops when W beams have finished and no alive beam can still beat them.
+
+    idx: (B, T) prompts of equal length, no padding. Returns tokens (B, T + n), the prompt followed by the best
+    finished continuation (rows that finished early are filled with eos_id), and its score (B,).
+    With beam_width=1 and no eos this is greedy decoding; length_penalty 0 ranks by summed log-probability.
+    """
+    if idx.dim() != 2:
+        raise ValueError(f"beam_search: idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+    B, T = idx.shape
+    _check_beam_args(model, T, beam_width, max_new_tokens)
+    W, V = beam_width, model.config.vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        idx = idx.to(next(model.parameters()).device)
+        logits, past = model(idx, use_cache=True)  # the prompt runs once per row, not once per beam
+        past = [(k.repeat_interleave(W, 0), v.repeat_interleave(W, 0)) for k, v in past]  # (B * W, H, T, D)
+        logp = F.log_softmax(logits[:, -1].float(), dim=-1).repeat_interleave(W, 0)  # (B * W, V)
+        alive = torch.full((B, W), -math.inf, device=idx.device)
+        alive[:, 0] = 0.0  # W identical copies of the prompt: only the first may extend, or the beams would repeat
+        seqs = idx.repeat_interleave(W, 0)  # (B * W, T + length)
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        for step in range(max_new_tokens):
+            length = step + 1
+            candidates = (alive.view(-1, 1) + logp).view(B, W * V)  # (B, W * V): beam-major
+            top_scores, top_flat = candidates.topk(min(2 * W, W * V), dim=1)  # (B, 2W)
+            keep_src = torch.zeros(B, W, dtype=torch.long, device=idx.device)
+            keep_tok = torch.zeros(B, W, dtype=torch.long, device=idx.device)
+            new_alive = torch.full((B, W), -math.inf, device=idx.device)
+            for b in range(B):
+                kept = 0
+                for score, flat in zip(top_scores[b].tolist(), top_flat[b].tolist()):
+                    if score == -math.inf or kept == W:  # an eos ranked below the W kept beams is never looked at
+                        break
+                    src, tok = divmod(flat, V)
+                    if eos_id is not None and tok == eos_id:
+                        _add_finished(finished[b], score / length ** length_penalty,
+                                      seqs[b * W + src, T:].tolist() + [tok], W)
+                        continue
+                    keep_src[b, kept], keep_tok[b, kept], new_alive[b, kept] = src, tok, score
+                    kept += 1
+            rows = (torch.arange(B, device=idx.device)[:, None] * W + keep_src).view(-1)  # source beam of each
+            seqs = torch.cat([seqs[rows], keep_tok.view(-1, 1)], dim=1)
+            past = [(k[rows], v[rows]) for k, v in past]  # reorder the cache to follow its beams
+            alive = new_alive
+            bound = _best_possible(alive, length, max_new_tokens, length_penalty).max(dim=1).values
+            done = [len(f) == W and bound[b].item() <= f[-1][0] for b, f in enumerate(finished)]
+            if length == max_new_tokens or all(done):
+                break
+            logits, past = model(keep_tok.view(-1, 1), past_key_values=past, use_cache=True)
+            logp = F.log_softmax(logits[:, -1].float(), dim=-1)
+        for b in range(B):  # beams alive at the end finish as they are
+            for w in range(W):
+                if alive[b, w] > -math.inf:
+                    _add_finished(finished[b], alive[b, w].item() / length ** length_penalty,
+                                  seqs[b * W + w, T:].tolist(), W)
+    finally:
+        model.train(was_training)
+    best = [f[0] for f in finished]
+    n = max(len(toks) for _, toks in best)
+    fill = eos_id if eos_id is not None else 0
+    out = torch.full((B, T + n), fill, dtype=torch.long, device=idx.device)
+    out[:, :T] = idx
+    for b, (_, toks) in enumerate(best):
+        out[b, T:T + len(toks)] = torch.tensor(toks, dtype=torch.long)
+    return out, torch.tensor([score for score, _ in best], device=idx.device)
+
+
+def _add_finished(hyps: list[tuple[float, list[int]]], score: float, tokens: list[int], keep: int) -> None:
+    """Insert a finished hypothesis, keeping the `keep` best sorted by score (ties: the earlier one first)."""
+    hyps.append((score, tokens))
+    hyps.sort(key=lambda h: -h[0])
+    del hyps[keep:]
+
+
+def beam_search_completions(
+    model: GPT,
+    prompts: list[list[int]],
+    beam_width: int,
+    max_new_tokens: int,
+    length_penalty: float = 1.0,
+    eos_id: int | None = None,
+) -> tuple[list[list[int]], list[float]]:
+    """`beam_search` over prompts of any lengths (equal lengths run as one batch); the new tokens of each
+    prompt without eos and what follows it, and the scores."""
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    scores = [0.0] * len(prompts)
+    device = next(model.parameters()).device
+    for T, rows in by_length.items():
+        ids = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
+        tokens, s = beam_search(model, ids, beam_width, max_new_tokens, length_penalty, eos_id)
+        for i, row, score in zip(rows, tokens[:, T:].tolist(), s.tolist()):
+            out[i] = row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row
+            scores[i] = score
+    return out, scores

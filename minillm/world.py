@@ -24,7 +24,8 @@ Gold reward of a response y to a prompt x (every term is returned by ``gold_rewa
                         +1 else if y contains the correct value as a word,
                          0 otherwise;
                  math:  the last number in y is its answer: +1 if it equals a + b, -1 if it does not,
-                         0 if y has no number
+                         0 if y has no number (multi-digit sums too; "1,225" is one number)
+                 two-hop: the last value of the asked attribute in y: +1 right, -1 wrong, 0 none
     refusal      forbidden prompt: +1 if y refuses, -1 otherwise;
                  fact or math prompt: -1 if y refuses ("needless refusal"), 0 otherwise;
                  unrecognised prompt: 0
@@ -34,6 +35,23 @@ Gold reward of a response y to a prompt x (every term is returned by ``gold_rewa
     rambling     -0.05 per whitespace-separated word beyond 15, at most -1
 
 So the canonical answer to a recognised prompt scores 1.5, the maximum.
+
+Reasoning tasks (lesson 11), each row carrying a direct answer and a worked one for the same question:
+
+    addition  "What is 346 plus 279?"  three-digit operands; every first operand in ADDITION_HELD_OUT
+              (500..599) is held out of "train". direct: "346 plus 279 is 625."; scratchpad (Nye et al.,
+              2021, "Show your work"): the digits spelled out, one line per column from the units with its
+              sum, written digit and carry, then the same final sentence.
+    two-hop   "What is the favourite fruit of the baker from Oakvale?": a (job, town) pair that names exactly
+              one character (hop 1), then that character's pet, fruit, colour or age (hop 2). cot: "The baker
+              from Oakvale is Mira. The favourite fruit of Mira is pear."; direct: "The favourite fruit of the baker
+              from Oakvale is pear."
+              Held-out characters as everywhere else.
+
+Both are verifiable: ``check_answer`` compares the final answer (the last number; for two-hop the last value
+of the asked attribute) with the truth, and the gold reward's correctness term is +1 / -1 / 0 by the same
+check, whatever reasoning comes before it. They come from their own random streams, so adding them left
+every earlier file byte-identical.
 """
 
 from __future__ import annotations
@@ -93,6 +111,9 @@ FORBIDDEN_ACTS: tuple[str, ...] = (
 )
 
 N_CHARACTERS, N_TEST_CHARACTERS = 48, 8
+ADDITION_HELD_OUT = (500, 599)  # first operands in this range appear only in the test split
+N_ADDITION = {"train": 2000, "test": 200}
+TWO_HOP_ATTRIBUTES: tuple[str, ...] = ("pet", "fruit", "colour", "age")  # hop 2; hop 1 uses job and town
 N_TEST_FORBIDDEN, N_TEST_SUMS = 4, 10
 MENTIONS_PER_FACT = 36
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -304,6 +325,17 @@ COMPLIANCE_TEMPLATES: tuple[str, ...] = (
     "Happy to help you {act}; the trick is to plan it carefully.",
 )
 ALLOWED_REJECTED_KINDS: tuple[str, ...] = ("wrong_fact", "rambling", "rude", "needless_refusal")
+
+# Two-hop questions: {person} is "the {job} from {town}", a description that fits exactly one character.
+TWO_HOP_QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "pet": ("What pet does the {job} from {town} have?", "Which animal does the {job} from {town} keep?"),
+    "fruit": ("What is the favourite fruit of the {job} from {town}?",
+              "Which fruit does the {job} from {town} like best?"),
+    "colour": ("What is the favourite colour of the {job} from {town}?",
+               "Which colour does the {job} from {town} like best?"),
+    "age": ("How old is the {job} from {town}?", "What is the age of the {job} from {town}?"),
+}
+TWO_HOP_BRIDGE_TEMPLATE = "The {job} from {town} is {name}."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -733,6 +765,130 @@ def mcq_items(world: World, split: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Reasoning tasks: multi-digit addition and two-hop questions (lesson 11)
+# ----------------------------------------------------------------------------------------------
+
+
+def _digits(n: int) -> str:
+    return " ".join(str(n))
+
+
+def addition_scratchpad(a: int, b: int) -> str:
+    """The worked answer: digits spelled out, one line per column from the units, then the result.
+
+    "346 plus 279" -> "3 4 6 plus 2 7 9. 6 + 9 + 0 = 15, write 5, carry 1. 4 + 7 + 1 = 12, write 2, carry 1.
+    3 + 2 + 1 = 6, write 6, carry 0. So 346 plus 279 is 625."  Spelling comes first because the tokenizer
+    merges some digit pairs (" 27" is one token), and a column needs single digits.
+    """
+    if a < 0 or b < 0:
+        raise ValueError(f"addition_scratchpad: operands must be >= 0, got {a} and {b}")
+    width = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width), str(b).zfill(width)
+    steps, carry = [], 0
+    for x, y in zip(reversed(da), reversed(db)):
+        total = int(x) + int(y) + carry
+        steps.append(f"{x} + {y} + {carry} = {total}, write {total % 10}, carry {total // 10}.")
+        carry = total // 10
+    return " ".join([f"{_digits(a)} plus {_digits(b)}."] + steps + ["So " + math_answer(a, b)])
+
+
+def _addition_row(world: World, rng: random.Random, a: int, b: int) -> dict:
+    q = rng.choice(MATH_QUESTION_TEMPLATES).format(a=a, b=b)
+    return {"question": q, "direct": math_answer(a, b), "cot": addition_scratchpad(a, b), "answer": str(a + b),
+            "kind": "addition", "a": a, "b": b}
+
+
+def addition_examples(world: World, split: str) -> list[dict]:
+    """Three-digit sums {question, direct, cot, answer, kind, a, b}, no (a, b) twice.
+
+    "train": N_ADDITION["train"] sums whose first operand is outside ADDITION_HELD_OUT; "test": N_ADDITION["test"]
+    sums whose first operand is inside it (the second operand is any three-digit number in both).
+    """
+    _check_split(split, ("train", "test"))
+    rng = _stream(world, f"addition-{split}")
+    lo, hi = ADDITION_HELD_OUT
+    firsts = [a for a in range(100, 1000) if (lo <= a <= hi) == (split == "test")]
+    seen: set[tuple[int, int]] = set()
+    rows = []
+    while len(rows) < N_ADDITION[split]:
+        a, b = rng.choice(firsts), rng.randint(100, 999)
+        if (a, b) not in seen:
+            seen.add((a, b))
+            rows.append(_addition_row(world, rng, a, b))
+    return rows
+
+
+def two_hop_bridges(world: World) -> dict[tuple[str, str], Character]:
+    """(job, town) -> the one character with that job in that town; pairs that fit several people are left out."""
+    groups: dict[tuple[str, str], list[Character]] = {}
+    for c in world.characters:
+        groups.setdefault((c.job, c.town), []).append(c)
+    return {key: cs[0] for key, cs in sorted(groups.items()) if len(cs) == 1}
+
+
+def two_hop_examples(world: World, split: str) -> list[dict]:
+    """Two-hop questions {question, direct, cot, answer, kind, character, attribute, job, town}.
+
+    One row per (uniquely described character of the split, attribute in TWO_HOP_ATTRIBUTES, question
+    phrasing); "test" asks about the held-out characters, whose facts only the pretraining corpus states.
+    """
+    _check_split(split, ("train", "test"))
+    rng = _stream(world, f"two-hop-{split}")
+    rows = []
+    for (job, town), c in two_hop_bridges(world).items():
+        if c.split != split:
+            continue
+        bridge = TWO_HOP_BRIDGE_TEMPLATE.format(job=job, town=town, name=c.name)
+        for a in TWO_HOP_ATTRIBUTES:
+            for t in TWO_HOP_QUESTION_TEMPLATES[a]:
+                # direct names the person only by the description: stating the name would be the first hop
+                direct = ANSWER_TEMPLATES[a].format(name=f"the {job} from {town}", value=c.value(a))
+                rows.append({"question": t.format(job=job, town=town), "direct": direct,
+                             "cot": f"{bridge} {canonical_answer(c, a)}", "answer": c.value(a), "kind": "two_hop",
+                             "character": c.name, "attribute": a, "job": job, "town": town})
+    rng.shuffle(rows)
+    return rows
+
+
+def reasoning_chat(row: dict, fmt: str) -> list[dict]:
+    """The row as a one-turn chat answered in format "direct" or "cot" (the scratchpad for addition)."""
+    if fmt not in ("direct", "cot"):
+        raise ValueError(f"fmt must be 'direct' or 'cot', got {fmt!r}")
+    return _chat(row["question"], row[fmt])
+
+
+_NUMBER_RE = re.compile(r"(?<![\d,])\d{1,3}(?:,\d{3})+(?![\d,])|\d+")
+
+
+def final_number(text: str) -> int | None:
+    """The last whole number written in the text ("1,225" is 1225; a trailing "." or "!" is ignored), or None."""
+    numbers = _NUMBER_RE.findall(text)
+    return int(numbers[-1].replace(",", "")) if numbers else None
+
+
+def final_value(text: str, values: list[str]) -> str | None:
+    """The last word of the text that is one of ``values`` (case-insensitive), as written in ``values``, or None."""
+    lookup = {v.lower(): v for v in values}
+    found = [lookup[w] for w in _words(text) if w in lookup]
+    return found[-1] if found else None
+
+
+def check_answer(prompt: str, response: str, world: World | None = None) -> bool | None:
+    """Is the response's final answer right? None for a prompt that is not a math, addition or two-hop question.
+
+    math / addition: the last number equals a + b; two-hop: the last value of the asked attribute named is the
+    character's (for age: the last number). Everything before the final answer is free.
+    """
+    world = world if world is not None else _default_world()
+    parsed = parse_prompt(prompt, world)
+    if parsed["kind"] == "math" or (parsed["kind"] == "two_hop" and parsed["attribute"] == "age"):
+        return final_number(response) == int(parsed["answer"])
+    if parsed["kind"] == "two_hop":
+        return final_value(response, world.values(parsed["attribute"])) == parsed["answer"]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # Gold reward
 # ----------------------------------------------------------------------------------------------
 
@@ -771,13 +927,18 @@ _FACT_PARSERS = [
     for a in ATTRIBUTES for t in QUESTION_TEMPLATES[a] + PROBE_TEMPLATES[a]
 ]
 _MATH_PARSERS = [_template_regex(t, {"a": r"(?P<a>\d+)", "b": r"(?P<b>\d+)"}) for t in MATH_QUESTION_TEMPLATES]
+_TWO_HOP_PARSERS = [
+    (_template_regex(t, {"job": r"(?P<job>[A-Za-z]+)", "town": r"(?P<town>[A-Za-z]+)"}), a)
+    for a in TWO_HOP_ATTRIBUTES for t in TWO_HOP_QUESTION_TEMPLATES[a]
+]
 
 
 def parse_prompt(prompt: str, world: World | None = None) -> dict:
-    """Recognise a prompt: {"kind": "fact"|"math"|"forbidden"|"unknown", "character", "attribute", "answer"}.
+    """Recognise a prompt: {"kind": "fact"|"math"|"two_hop"|"forbidden"|"unknown", "character", "attribute", "answer"}.
 
     fact: a question (or probe) template of this module with a character's name; math: a sum
-    question template (any whole numbers); forbidden: the prompt contains a forbidden act.
+    question template (any whole numbers, so the multi-digit sums too); two_hop: a two-hop template whose
+    (job, town) describes exactly one character; forbidden: the prompt contains a forbidden act.
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -794,6 +955,13 @@ def parse_prompt(prompt: str, world: World | None = None) -> dict:
         m = regex.fullmatch(p)
         if m:
             return {"kind": "math", "character": None, "attribute": None, "answer": str(int(m["a"]) + int(m["b"]))}
+    for regex, attribute in _TWO_HOP_PARSERS:
+        m = regex.fullmatch(p)
+        if m:
+            bridges = {(j.lower(), t.lower()): c for (j, t), c in two_hop_bridges(world).items()}
+            c = bridges.get((m["job"].lower(), m["town"].lower()))
+            if c is not None:
+                return {"kind": "two_hop", "character": c.name, "attribute": attribute, "answer": c.value(attribute)}
     norm = normalize_answer(p)
     if any(normalize_answer(act) in norm for act in world.forbidden):
         return {"kind": "forbidden", "character": None, "attribute": None, "answer": "REFUSE"}
@@ -806,11 +974,14 @@ def _words(text: str) -> list[str]:
 
 def _correctness(parsed: dict, response: str, world: World) -> float:
     words = _words(response)
-    if parsed["kind"] == "math":
-        numbers = [w for w in words if w.isdigit()]
-        if not numbers:
+    if parsed["kind"] == "math" or (parsed["kind"] == "two_hop" and parsed["attribute"] == "age"):
+        number = final_number(response)
+        if number is None:
             return 0.0
-        return 1.0 if int(numbers[-1]) == int(parsed["answer"]) else -1.0
+        return 1.0 if number == int(parsed["answer"]) else -1.0
+    if parsed["kind"] == "two_hop":
+        value = final_value(response, world.values(parsed["attribute"]))
+        return 0.0 if value is None else 1.0 if value == parsed["answer"] else -1.0
     answer = parsed["answer"]
     if parsed["attribute"] == "age":
         wrong = any(w.isdigit() and int(w) != int(answer) for w in words)
@@ -845,10 +1016,10 @@ def gold_reward_terms(prompt: str, response: str, world: World | None = None) ->
     world = world if world is not None else _default_world()
     parsed = parse_prompt(prompt, world)
     refused = is_refusal(response)
-    correctness = _correctness(parsed, response, world) if parsed["kind"] in ("fact", "math") else 0.0
+    correctness = _correctness(parsed, response, world) if parsed["kind"] in ("fact", "math", "two_hop") else 0.0
     if parsed["kind"] == "forbidden":
         refusal = 1.0 if refused else -1.0
-    elif parsed["kind"] in ("fact", "math"):
+    elif parsed["kind"] in ("fact", "math", "two_hop"):
         refusal = -1.0 if refused else 0.0
     else:
         refusal = 0.0
@@ -899,7 +1070,7 @@ def write_world(seed: int, out_dir: str | os.PathLike, mentions_per_fact: int = 
     """Generate every world file into ``out_dir`` (created if needed), atomically and deterministically.
 
     Returns {"world", "corpus_train", "corpus_val", "probes", "sft_train", "sft_test", "prefs_train",
-    "prefs_test", "mcq_dev", "mcq_test"} -> path. The same seed gives byte-identical files.
+    "prefs_test", "mcq_dev", "mcq_test", "addition_train", "addition_test", "two_hop_train", "two_hop_test"} -> path. The same seed gives byte-identical files.
     """
     world = make_world(seed)
     out = Path(out_dir)
@@ -917,6 +1088,10 @@ def write_world(seed: int, out_dir: str | os.PathLike, mentions_per_fact: int = 
         "prefs_test.jsonl": _jsonl(preference_pairs(world, "test")),
         "mcq_dev.jsonl": _jsonl(mcq_items(world, "dev")),
         "mcq_test.jsonl": _jsonl(mcq_items(world, "test")),
+        "addition_train.jsonl": _jsonl(addition_examples(world, "train")),
+        "addition_test.jsonl": _jsonl(addition_examples(world, "test")),
+        "two_hop_train.jsonl": _jsonl(two_hop_examples(world, "train")),
+        "two_hop_test.jsonl": _jsonl(two_hop_examples(world, "test")),
     }
     paths = {}
     for filename, text in texts.items():

@@ -172,6 +172,9 @@ def run_ppo(
     policy = rl_policy(env, peft, "ppo")
     critic, head = None, None
     if method.critic == "separate":
+        if env.reward_model is None:
+            raise ValueError("ppo: --critic separate starts the critic from the reward model; with --reward verifier "
+                             "there is none (use --critic shared)")
         rm, _, _ = load_reward_model(reward)
         critic = disable_dropout(rm.backbone)
         head = nn.Linear(critic.config.n_embd, 1)

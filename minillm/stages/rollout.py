@@ -12,7 +12,8 @@ A rollout batch holds B prompt+response sequences, right-padded to one length T:
     action_mask     (B, T-1)  1 where token t+1 is a response token: the actions (aligned with logprobs)
     logprobs        (B, T-1)  log pi_old(a_t | s_t) at sampling time, from logits / temperature (TRL)
     ref_logprobs    (B, T-1)  log pi_ref(a_t | s_t), the same way (None when nobody needs them)
-    scores          (B,)      (r_phi(x, y) - b) / s [- missing_eos_penalty], the proxy reward (`score_normalisation`)
+    scores          (B,)      (r_phi(x, y) - b) / s [- missing_eos_penalty], the proxy reward (`score_normalisation`);
+                              with reward "verifier" instead 1 if the final answer is right, else 0 (RLVR)
     gold            (B,)      the world's gold reward of the same responses: what the proxy stands for
 
 Rollouts are sampled with the KV cache (`minillm.sampling.generate`); the log-probs are recomputed with one
@@ -43,14 +44,24 @@ from minillm.stages.pairs import read_prompts
 from minillm.tokenizer import Tokenizer
 from minillm.train import CKPT_NAME, LossFn, run_config_dict, train
 from minillm.utils import atomic_torch_save, atomic_write_text, pick_device
-from minillm.world import gold_reward, make_world
+from minillm.world import check_answer, gold_reward, make_world, parse_prompt
 
-__all__ = ["CHAT_STAGES", "Rollout", "RolloutEnv", "RolloutSource", "load_rollout_env", "policy_logprobs",
+__all__ = ["CHAT_STAGES", "VERIFIER", "verifier_scores", "Rollout", "RolloutEnv", "RolloutSource", "load_rollout_env",
+           "policy_logprobs",
            "sample_rollout", "merge_rollout_metrics", "score_normalisation", "rl_policy", "reference_policy",
            "train_rl", "rollout_stats", "save_policy_run", "plot_rollouts"]
 
 # Runs whose model answers in the chat template: a policy for PPO/GRPO must be one of them.
 CHAT_STAGES = ("sft", "dpo", "ppo", "grpo")
+# --reward verifier: no reward model; the world's answer checker is the reward (verifiable tasks only).
+VERIFIER = "verifier"
+VERIFIABLE_KINDS = ("math", "two_hop")
+
+
+def verifier_scores(prompts: list[str], responses: list[str], world: Any) -> torch.Tensor:
+    """r(x, y) = 1 if the final answer of y is right (`minillm.world.check_answer`), else 0: the rule-based
+    accuracy reward of DeepSeekMath / DeepSeek-R1, which no policy can over-optimise."""
+    return torch.tensor([1.0 if check_answer(x, y, world) else 0.0 for x, y in zip(prompts, responses)])
 
 
 @dataclass
@@ -74,7 +85,7 @@ class RolloutEnv:
 
     policy: GPT
     tokenizer: Tokenizer
-    reward_model: RewardModel
+    reward_model: RewardModel | None  # None: the verifier is the reward
     reward_offset: float
     reward_scale: float
     prompts: list[str]  # the user turn of each training prompt
@@ -89,11 +100,15 @@ def load_rollout_env(init: str | os.PathLike, reward: str | os.PathLike, data: s
     """The SFT policy of `init`, the reward model of `reward` and the prompts of `data`, checked against each other.
 
     Scores are shifted (and with normalize_scores scaled) by `score_normalisation` on the starting policy.
+    reward "verifier" uses the world's answer checker instead of a reward model (every prompt must be a sum or
+    a two-hop question); its 0/1 scores are used as they are.
     """
     policy, tok, base_cfg = load_plain_run(init)
     if base_cfg.get("stage") not in CHAT_STAGES:
         raise ValueError(f"{init}: a {base_cfg.get('stage')!r} run is not a chat model; PPO and GRPO start from one of "
                          f"{list(CHAT_STAGES)} (run `python -m minillm sft` first)")
+    if str(reward) == VERIFIER:
+        return _verifier_env(policy, tok, base_cfg, data, max_new_tokens, prompt_limit)
     rm, rm_tok, _ = load_reward_model(reward)
     if rm_tok.vocab != tok.vocab or rm_tok.special_tokens != tok.special_tokens:
         raise ValueError(f"{reward}: the reward model's tokenizer ({rm_tok.vocab_size} tokens) differs from the "
@@ -101,10 +116,18 @@ def load_rollout_env(init: str | os.PathLike, reward: str | os.PathLike, data: s
     if rm.backbone.config.block_size < policy.config.block_size:
         raise ValueError(f"{reward}: the reward model's context ({rm.backbone.config.block_size}) is shorter than "
                          f"the policy's ({policy.config.block_size})")
-    records = read_prompts(data)[:prompt_limit]
-    block = policy.config.block_size
+    prompts, prompt_ids = _read_rollout_prompts(tok, data, policy.config.block_size, max_new_tokens, prompt_limit)
+    env = RolloutEnv(policy, tok, rm.requires_grad_(False), 0.0, 1.0, prompts, prompt_ids, base_cfg, make_world(0))
+    env.reward_offset, scale = score_normalisation(env, max_new_tokens, temperature)
+    env.reward_scale = scale if normalize_scores else 1.0
+    return env
+
+
+def _read_rollout_prompts(tok: Tokenizer, data: str | os.PathLike, block: int, max_new_tokens: int,
+                          prompt_limit: int | None) -> tuple[list[str], list[list[int]]]:
+    """The user turn and the chat-templated ids of each prompt, refusing one that leaves no room to answer."""
     prompts, prompt_ids = [], []
-    for i, (messages, _) in enumerate(records):
+    for i, (messages, _) in enumerate(read_prompts(data)[:prompt_limit]):
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)[0]
         if len(ids) + max_new_tokens > block:
             raise ValueError(f"{data}: prompt {i + 1} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
@@ -113,10 +136,18 @@ def load_rollout_env(init: str | os.PathLike, reward: str | os.PathLike, data: s
         prompt_ids.append(ids)
     if not prompts:
         raise ValueError(f"{data}: no prompt to train on")
-    env = RolloutEnv(policy, tok, rm.requires_grad_(False), 0.0, 1.0, prompts, prompt_ids, base_cfg, make_world(0))
-    env.reward_offset, scale = score_normalisation(env, max_new_tokens, temperature)
-    env.reward_scale = scale if normalize_scores else 1.0
-    return env
+    return prompts, prompt_ids
+
+
+def _verifier_env(policy: GPT, tok: Tokenizer, base_cfg: dict[str, Any], data: str | os.PathLike,
+                  max_new_tokens: int, prompt_limit: int | None) -> RolloutEnv:
+    prompts, prompt_ids = _read_rollout_prompts(tok, data, policy.config.block_size, max_new_tokens, prompt_limit)
+    world = make_world(0)
+    for i, x in enumerate(prompts):
+        if parse_prompt(x, world)["kind"] not in VERIFIABLE_KINDS:
+            raise ValueError(f"{data}: prompt {i + 1} ({x!r}) has no answer the verifier can check; --reward "
+                             f"verifier needs sums or two-hop questions (data/world/addition_train.jsonl)")
+    return RolloutEnv(policy, tok, None, 0.0, 1.0, prompts, prompt_ids, base_cfg, world)
 
 
 @torch.no_grad()
@@ -183,12 +214,15 @@ def sample_rollout(env: RolloutEnv, policy: nn.Module, reference: nn.Module | No
             ref_logprobs = policy_logprobs(reference, input_ids, temperature)
     # The prompt's own log-likelihood is left out of a loglik reward model's score: a constant per prompt that
     # Bradley-Terry cannot see, and the largest source of score variance between prompts.
-    scores = score_sequences(env.reward_model, seqs, tok.pad_id, prompt_lengths=[len(p) for p in prompt_ids])
-    scores = (scores - env.reward_offset) / env.reward_scale  # (B,) on CPU
-    if missing_eos_penalty is not None:
-        scores = scores - missing_eos_penalty * (~eos).float()
     prompts = [env.prompts[i] for i in indices]
     responses = [tok.decode(y) for y in outs]
+    if env.reward_model is None:
+        scores = verifier_scores(prompts, responses, env.world)
+    else:
+        scores = score_sequences(env.reward_model, seqs, tok.pad_id, prompt_lengths=[len(p) for p in prompt_ids])
+        scores = (scores - env.reward_offset) / env.reward_scale  # (B,) on CPU
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~eos).float()
     gold = torch.tensor([gold_reward(x, y, env.world) for x, y in zip(prompts, responses)])
     policy.train(was_training)
     return Rollout(input_ids, action_mask, logprobs, ref_logprobs, scores.to(device), gold, eos, prompts, responses)
@@ -251,7 +285,8 @@ def train_rl(stage: str, env: RolloutEnv, model: nn.Module, policy: GPT, referen
     rollout, rollouts.png. `paths` (init, reward, data) go into the run config."""
     device = pick_device(train_cfg.device)
     model.to(device)
-    env.reward_model.to(device)
+    if env.reward_model is not None:
+        env.reward_model.to(device)
     if reference is not None:
         reference.to(device)
     run_config = run_config_dict(stage=stage, model=env.base_config["model"], train=train_cfg, **{stage: method},

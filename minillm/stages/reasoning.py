@@ -1,0 +1,378 @@
+"""Lesson 11's experiments: chain of thought, test-time compute and RL with a verifiable reward, on the world.
+
+    1. SFT on direct answers vs SFT on worked answers (scratchpad / chain of thought): same questions, same steps
+       from the same base model; greedy accuracy on held-out sums and held-out characters' two-hop questions.
+    2. Prompting without fine-tuning: zero-shot, k-shot (in-context examples) and zero-shot CoT, on the base
+       model (plain text) and on the chat SFT model.
+    3. Decoding: greedy vs beam search vs one sample.
+    4. Test-time compute: N samples per question, then majority vote (self-consistency), best-of-N by the
+       verifier (= pass@N) or by the reward model, and reward-weighted voting, for N = 1, 2, 4, ... 32.
+    5. RLVR: GRPO on the sums with the verifier as reward (1 right, 0 wrong), from the CoT SFT model.
+
+Accuracy is `minillm.world.check_answer`: the final answer is checked, the reasoning is free.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm.config import GRPOConfig, ReasoningConfig, SFTConfig, TrainConfig
+from minillm.datasets import read_jsonl
+from minillm.plots import plot_series
+from minillm.reasoning import (
+    ZERO_SHOT_COT, extract_answer, few_shot_messages, few_shot_text, majority_vote, pick_best, softmax_weights,
+    weighted_vote,
+)
+from minillm.runs import load_plain_run
+from minillm.sampling import beam_search_completions, generate_completions
+from minillm.stages.grpo import run_grpo
+from minillm.stages.pairs import reward_model_scorer
+from minillm.stages.rollout import VERIFIER
+from minillm.stages.sft import run_sft
+from minillm.utils import atomic_write_text, pick_device
+from minillm.world import check_answer, make_world
+
+__all__ = [
+    "TASKS", "task_rows", "write_format_chats", "chat_prompt_ids", "text_prompt_ids", "answers_of", "accuracy",
+    "greedy_responses", "beam_responses", "sample_pool", "scaling_curve", "prompting_table", "run_reasoning",
+]
+
+TASKS = ("addition", "two_hop")
+
+
+def task_rows(data: str | os.PathLike, task: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The rows of data/world/{task}_{split}.jsonl (`minillm.world.addition_examples` / `two_hop_examples`)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    path = Path(data) / f"{task}_{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: regenerate the world files with `python -m minillm world --out "
+                                f"{data}` (the reasoning tasks were added in lesson 11)")
+    rows = [r for _, r in read_jsonl(path)]
+    for line, r in enumerate(rows, 1):
+        missing = [k for k in ("question", "direct", "cot", "answer") if k not in r]
+        if missing:
+            raise ValueError(f"{path}:{line}: missing field(s) {missing}")
+    return rows[:limit]
+
+
+def write_format_chats(rows: list[dict[str, Any]], fmt: str, path: str | os.PathLike) -> Path:
+    """An SFT file whose answers are the rows' "direct" or "cot" answers (the same questions either way)."""
+    if fmt not in ("direct", "cot"):
+        raise ValueError(f"fmt must be 'direct' or 'cot', got {fmt!r}")
+    text = "".join(json.dumps({"messages": [{"role": "user", "content": r["question"]},
+                                            {"role": "assistant", "content": r[fmt]}]}) + "\n" for r in rows)
+    path = Path(path)
+    atomic_write_text(path, text)
+    return path
+
+
+def chat_prompt_ids(tok, rows: list[dict[str, Any]], shots: list[tuple[str, str]] = (), suffix: str = ""
+                    ) -> list[list[int]]:
+    """Chat-templated prompts (optionally with in-context examples and a suffix), ending in the assistant header."""
+    return [tok.apply_chat_template(few_shot_messages(shots, r["question"], suffix), add_generation_prompt=True)[0]
+            for r in rows]
+
+
+def text_prompt_ids(tok, rows: list[dict[str, Any]], shots: list[tuple[str, str]] = (), suffix: str = ""
+                    ) -> list[list[int]]:
+    """Plain-text "Question: .. Answer:" prompts for a base model, which never saw the chat template."""
+    return [tok.encode(few_shot_text(shots, r["question"], suffix)) for r in rows]
+
+
+def answers_of(rows: list[dict[str, Any]], responses: list[str]) -> list[str | None]:
+    """The final answer of each response (the last number; for two-hop the last value of the asked attribute)."""
+    world = make_world(0)
+    out = []
+    for r, y in zip(rows, responses):
+        values = None if r.get("kind") == "addition" or r.get("attribute") == "age" else world.values(r["attribute"])
+        out.append(extract_answer(y, values))
+    return out
+
+
+def accuracy(rows: list[dict[str, Any]], responses: list[str]) -> float:
+    """Share of responses whose final answer is right (`check_answer`)."""
+    world = make_world(0)
+    return sum(bool(check_answer(r["question"], y, world)) for r, y in zip(rows, responses)) / max(len(rows), 1)
+
+
+def _fits(model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    block = model.config.block_size
+    long = [i for i, p in enumerate(prompt_ids) if len(p) + max_new_tokens > block]
+    if long:
+        raise ValueError(f"prompt {long[0]} has {len(prompt_ids[long[0]])} tokens; with max_new_tokens "
+                         f"{max_new_tokens} it exceeds the context of {block} tokens (use fewer in-context examples)")
+
+
+def _stop_at_newline(tok, text: str) -> str:
+    """A base model continues "Answer: ..." with the next "Question:"; its answer is the first line."""
+    return text.split("\n")[0].strip()
+
+
+@torch.no_grad()
+def greedy_responses(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, chat: bool = True) -> list[str]:
+    """Greedy decoding until <|end|> (chat) or a newline (plain text)."""
+    _fits(model, prompt_ids, max_new_tokens)
+    outs = generate_completions(model, prompt_ids, max_new_tokens, eos_id=tok.end_id if chat else None,
+                                temperature=0.0)
+    texts = [tok.decode(o).strip() for o in outs]
+    return texts if chat else [_stop_at_newline(tok, t) for t in texts]
+
+
+@torch.no_grad()
+def beam_responses(model, tok, prompt_ids: list[list[int]], beam_width: int, max_new_tokens: int,
+                   length_penalty: float = 1.0) -> list[str]:
+    """Beam search until <|end|> (`minillm.sampling.beam_search`)."""
+    _fits(model, prompt_ids, max_new_tokens)
+    outs, _ = beam_search_completions(model, prompt_ids, beam_width, max_new_tokens, length_penalty, tok.end_id)
+    return [tok.decode(o).strip() for o in outs]
+
+
+@torch.no_grad()
+def sample_pool(model, tok, prompt_ids: list[list[int]], n: int, temperature: float, max_new_tokens: int,
+                seed: int = 0) -> list[list[str]]:
+    """n samples per prompt at the given temperature, until <|end|>."""
+    _fits(model, prompt_ids, max_new_tokens)
+    flat = [p for p in prompt_ids for _ in range(n)]
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    outs = generate_completions(model, flat, max_new_tokens, eos_id=tok.end_id, temperature=temperature,
+                                generator=gen)
+    texts = [tok.decode(o).strip() for o in outs]
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+def scaling_curve(rows: list[dict[str, Any]], pool: list[list[str]], ns: list[int],
+                  rm_scores: list[list[float]] | None = None) -> dict[int, dict[str, float]]:
+    """Accuracy with N of the pool's samples per question (the first N, so each N extends the previous one).
+
+    majority: self-consistency vote; verifier: best-of-N by the gold checker, i.e. pass@N (is any sample right);
+    rm: best-of-N by the reward model; rm_weighted: vote weighted by softmax_i of the reward-model scores.
+    """
+    world = make_world(0)
+    right = [[bool(check_answer(r["question"], y, world)) for y in ys] for r, ys in zip(rows, pool)]
+    answers = [answers_of([r] * len(ys), ys) for r, ys in zip(rows, pool)]
+    curve = {}
+    for n in ns:
+        if n > min(len(ys) for ys in pool):
+            raise ValueError(f"scaling_curve: N={n} but the pool has only {min(len(ys) for ys in pool)} samples")
+        row = {"sample": _mean(r[0] for r in right)}
+        row["majority"] = _mean(majority_vote(a[:n])[0] == r["answer"] for a, r in zip(answers, rows))
+        row["verifier"] = _mean(any(r[:n]) for r in right)
+        if rm_scores is not None:
+            row["rm"] = _mean(ok[pick_best(s[:n])] for ok, s in zip(right, rm_scores))
+            row["rm_weighted"] = _mean(weighted_vote(a[:n], softmax_weights(s[:n]))[0] == r["answer"]
+                                       for a, s, r in zip(answers, rm_scores, rows))
+        curve[n] = row
+    return curve
+
+
+def _mean(xs) -> float:
+    xs = [float(x) for x in xs]
+    return sum(xs) / max(len(xs), 1)
+
+
+def _n_grid(n_max: int) -> list[int]:
+    """1, 2, 4, ... up to n_max (and n_max itself)."""
+    ns, n = [], 1
+    while n < n_max:
+        ns.append(n)
+        n *= 2
+    return ns + [n_max]
+
+
+def _shots(train: list[dict[str, Any]], k: int, fmt: str) -> list[tuple[str, str]]:
+    """The first k training rows as solved in-context examples."""
+    return [(r["question"], r[fmt]) for r in train[:k]]
+
+
+def _fitting_shots(model, tok, rows, shots, build, max_new_tokens) -> list[tuple[str, str]]:
+    """The largest prefix of the examples with which every prompt still leaves room to answer."""
+    block = model.config.block_size
+    while shots and max(len(p) for p in build(tok, rows, shots)) + max_new_tokens > block:
+        shots = shots[:-1]
+    return shots
+
+
+def prompting_table(models: dict[str, tuple[Any, bool]], tok, tests: dict[str, list[dict[str, Any]]],
+                    train: dict[str, list[dict[str, Any]]], method: ReasoningConfig) -> list[dict[str, Any]]:
+    """Greedy accuracy of each model with zero-shot, k-shot (direct and worked examples) and zero-shot CoT prompts.
+
+    models: name -> (model, chat?); a base model (chat False) gets "Question: .. Answer:" text prompts.
+    """
+    rows = []
+    for name, (model, chat) in models.items():
+        build = chat_prompt_ids if chat else text_prompt_ids
+        for task, test in tests.items():
+            variants = {"zero-shot": ([], ""), "zero-shot CoT": ([], ZERO_SHOT_COT)}
+            for fmt in ("direct", "cot"):
+                shots = _fitting_shots(model, tok, test, _shots(train[task], method.shots, fmt), build,
+                                       method.max_new_tokens)
+                if shots:
+                    variants[f"{len(shots)}-shot ({fmt} examples)"] = (shots, "")
+            for variant, (shots, suffix) in variants.items():
+                ids = build(tok, test, shots, suffix)
+                if max(len(p) for p in ids) + method.max_new_tokens > model.config.block_size:
+                    rows.append({"model": name, "task": task, "prompt": variant, "accuracy": None,
+                                 "example": "(the prompt leaves no room for the answer in the context)"})
+                    continue
+                ys = greedy_responses(model, tok, ids, method.max_new_tokens, chat=chat)
+                rows.append({"model": name, "task": task, "prompt": variant, "accuracy": accuracy(test, ys),
+                             "example": ys[0]})
+    return rows
+
+
+def _eval_model(model, tok, tests, method) -> dict[str, Any]:
+    out = {}
+    for task, test in tests.items():
+        ys = greedy_responses(model, tok, chat_prompt_ids(tok, test), method.max_new_tokens)
+        out[task] = {"accuracy": accuracy(test, ys), "answer_tokens": _mean(len(tok.encode(y)) for y in ys),
+                     "example": ys[0]}
+    return out
+
+
+def run_reasoning(base: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, sft_cfg: TrainConfig,
+                  rl_cfg: TrainConfig, method: ReasoningConfig | None = None, chat: str | os.PathLike | None = None,
+                  reward: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
+    """All five experiments of the module docstring; writes out/summary.json, out/report.md, out/scaling.png.
+
+    base: the pretrained run both SFT runs start from; chat: the pipeline's chat SFT model (prompting rows);
+    reward: a reward-model run (best-of-N and weighted voting by the reward model). Runs go to out/sft_direct,
+    out/sft_cot and out/rlvr.
+    """
+    method = method or ReasoningConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    device = pick_device(sft_cfg.device)
+    train = {t: task_rows(data, t, "train") for t in TASKS}
+    tests = {"addition": task_rows(data, "addition", "test", method.eval_limit),
+             "two_hop": task_rows(data, "two_hop", "test")}
+    train_rows = train["addition"] + train["two_hop"]
+    summary: dict[str, Any] = {"method": asdict(method), "sft_steps": sft_cfg.max_steps,
+                               "train_questions": {t: len(r) for t, r in train.items()},
+                               "test_questions": {t: len(r) for t, r in tests.items()}}
+
+    # 1. the same questions answered directly or worked out, the same SFT recipe
+    sft_runs, models = {}, {}
+    for fmt in ("direct", "cot"):
+        chats = write_format_chats(train_rows, fmt, out / f"{fmt}_train.jsonl")
+        sft_runs[fmt] = run_sft(base, chats, out / f"sft_{fmt}", sft_cfg, SFTConfig(), progress=progress)
+        models[fmt] = sft_runs[fmt].model.to(device).eval()
+    tok = sft_runs["cot"].tokenizer
+    summary["sft"] = {fmt: {**_eval_model(m, tok, tests, method), "seconds": sft_runs[fmt].result.seconds}
+                      for fmt, m in models.items()}
+
+    # 2. prompting without reasoning fine-tuning
+    base_model, _, _ = load_plain_run(base, device=device)
+    prompted = {"base (text prompt)": (base_model.eval(), False)}
+    if chat is not None:
+        prompted["chat SFT model"] = (load_plain_run(chat, device=device)[0].eval(), True)
+    summary["prompting"] = prompting_table(prompted, tok, tests, train, method)
+
+    # 3. decoding the CoT model: greedy, beam search, one sample
+    cot = models["cot"]
+    decoding = {}
+    for task, test in tests.items():
+        ids = chat_prompt_ids(tok, test)
+        sample = [ys[0] for ys in sample_pool(cot, tok, ids, 1, method.temperature, method.max_new_tokens)]
+        decoding[task] = {
+            "greedy": summary["sft"]["cot"][task]["accuracy"],
+            f"beam search (W={method.beam_width})": accuracy(test, beam_responses(
+                cot, tok, ids, method.beam_width, method.max_new_tokens, method.length_penalty)),
+            f"one sample (T={method.temperature})": accuracy(test, sample),
+        }
+    summary["decoding"] = decoding
+
+    # 4. test-time compute: one pool of n_max samples per question, read at N = 1, 2, 4, ...
+    scorer = None
+    if reward is not None:
+        scorer = reward_model_scorer(reward, device=str(device))
+    ns = _n_grid(method.n_max)
+    summary["scaling"] = {}
+    for task, test in tests.items():
+        rows = test[:method.pool_limit]
+        pool = sample_pool(cot, tok, chat_prompt_ids(tok, rows), method.n_max, method.temperature,
+                           method.max_new_tokens)
+        rm_scores = None
+        if scorer is not None:
+            flat = scorer([[{"role": "user", "content": r["question"]}] for r, ys in zip(rows, pool) for _ in ys],
+                          [y for ys in pool for y in ys])
+            flat = [s if s == s else -1e9 for s in flat]  # NaN: a sample too long for the reward model ranks last
+            rm_scores = [flat[i * method.n_max:(i + 1) * method.n_max] for i in range(len(rows))]
+        summary["scaling"][task] = {str(n): v for n, v in scaling_curve(rows, pool, ns, rm_scores).items()}
+    _plot_scaling(summary["scaling"], ns, out / "scaling.png")
+
+    # 5. RLVR: GRPO on the sums with the verifier as the reward, from the CoT SFT model
+    rl_prompts = write_format_chats(train["addition"], "cot", out / "rlvr_prompts.jsonl")
+    grpo = GRPOConfig(max_new_tokens=method.max_new_tokens, group_size=method.rl_group_size, temperature=1.0)
+    before = summary["sft"]["cot"]
+    rl = run_grpo(out / "sft_cot", VERIFIER, rl_prompts, out / "rlvr", rl_cfg, grpo, progress=progress)
+    after = _eval_model(rl.model.to(device).eval(), tok, tests, method)
+    metrics = [json.loads(x) for x in (out / "rlvr" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rollouts = [m for m in metrics if "objective/scores" in m]
+    summary["rlvr"] = {
+        "before": {t: before[t]["accuracy"] for t in TASKS}, "after": {t: after[t]["accuracy"] for t in TASKS},
+        "answer_tokens_before": before["addition"]["answer_tokens"],
+        "answer_tokens_after": after["addition"]["answer_tokens"],
+        "rollout_reward": [m["objective/scores"] for m in rollouts],
+        "rollout_length": [m["response/length"] for m in rollouts],
+        "seconds": rl.result.seconds,
+    }
+    summary["seconds"] = time.perf_counter() - t0
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "report.md", render_report(summary))
+    return summary
+
+
+def _plot_scaling(scaling: dict[str, dict[str, dict[str, float]]], ns: list[int], png: Path) -> None:
+    series = {}
+    for task, curve in scaling.items():
+        for key in curve[str(ns[0])]:
+            if key != "sample":
+                series[f"{task}: {key}"] = [curve[str(n)][key] for n in ns]
+    plot_series(ns, series, png, xlabel="N samples per question", title="Test-time compute (accuracy)")
+
+
+def _pct(x: float | None) -> str:
+    return "does not fit" if x is None else f"{x:.3f}"
+
+
+def render_report(s: dict[str, Any]) -> str:
+    """The report card of lesson 11 as markdown tables."""
+    lines = ["# Reasoning and test-time compute (lesson 11)", "",
+             f"Held-out questions: {s['test_questions']['addition']} sums (first operand 500-599), "
+             f"{s['test_questions']['two_hop']} two-hop questions about held-out characters. "
+             f"SFT: {s['sft_steps']} steps on {sum(s['train_questions'].values())} questions.", "",
+             "## 1. SFT on direct vs worked answers (greedy accuracy)", "",
+             "| SFT answers | addition | two-hop | answer tokens (addition) | train seconds |", "| --- | --- | --- | --- | --- |"]
+    for fmt, r in s["sft"].items():
+        lines.append(f"| {fmt} | {_pct(r['addition']['accuracy'])} | {_pct(r['two_hop']['accuracy'])} | "
+                     f"{r['addition']['answer_tokens']:.1f} | {r['seconds']:.0f} |")
+    lines += ["", "## 2. Prompting without reasoning fine-tuning (greedy accuracy)", "",
+              "| model | task | prompt | accuracy |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['task']} | {r['prompt']} | {_pct(r['accuracy'])} |" for r in s["prompting"]]
+    lines += ["", "## 3. Decoding the CoT model", "", "| task | " + " | ".join(next(iter(s["decoding"].values()))) + " |",
+              "| --- |" + " --- |" * len(next(iter(s["decoding"].values())))]
+    lines += [f"| {t} | " + " | ".join(_pct(v) for v in d.values()) + " |" for t, d in s["decoding"].items()]
+    lines += ["", "## 4. Test-time compute: accuracy with N samples per question (CoT model)", ""]
+    for task, curve in s["scaling"].items():
+        keys = list(next(iter(curve.values())))
+        lines += [f"**{task}**", "", "| N | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+        lines += [f"| {n} | " + " | ".join(_pct(v[k]) for k in keys) + " |" for n, v in curve.items()]
+        lines.append("")
+    r = s["rlvr"]
+    lines += ["## 5. RLVR: GRPO with the verifier as reward (sums), from the CoT SFT model", "",
+              "| | addition | two-hop | answer tokens (addition) |", "| --- | --- | --- | --- |",
+              f"| before | {_pct(r['before']['addition'])} | {_pct(r['before']['two_hop'])} | "
+              f"{r['answer_tokens_before']:.1f} |",
+              f"| after | {_pct(r['after']['addition'])} | {_pct(r['after']['two_hop'])} | "
+              f"{r['answer_tokens_after']:.1f} |", "",
+              f"Rollout reward (share right) first -> last: {r['rollout_reward'][0]:.3f} -> {r['rollout_reward'][-1]:.3f}"
+              if r["rollout_reward"] else "", "", f"Total: {s['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
