@@ -38,8 +38,8 @@ So the canonical answer to a recognised prompt scores 1.5, the maximum.
 
 Reasoning tasks (lesson 11), each row carrying a direct answer and a worked one for the same question:
 
-    addition  "What is 346 plus 279?"  three-digit operands; every first operand in ADDITION_HELD_OUT
-              (500..599) is held out of "train". direct: "346 plus 279 is 625."; scratchpad (Nye et al.,
+    addition  "What is 346 plus 279?"  three-digit operands; N_HELD_OUT_OPERANDS numbers are held out of
+              "train" and are both operands of every test sum. direct: "346 plus 279 is 625."; scratchpad (Nye et al.,
               2021, "Show your work"): the digits spelled out, one line per column from the units with its
               sum, written digit and carry, then the same final sentence.
     two-hop   "What is the favourite fruit of the baker from Oakvale?": a (job, town) pair that names exactly
@@ -111,7 +111,7 @@ FORBIDDEN_ACTS: tuple[str, ...] = (
 )
 
 N_CHARACTERS, N_TEST_CHARACTERS = 48, 8
-ADDITION_HELD_OUT = (500, 599)  # first operands in this range appear only in the test split
+N_HELD_OUT_OPERANDS = 90  # three-digit numbers that are never an operand of a training sum
 N_ADDITION = {"train": 2000, "test": 200}
 TWO_HOP_ATTRIBUTES: tuple[str, ...] = ("pet", "fruit", "colour", "age")  # hop 2; hop 1 uses job and town
 N_TEST_FORBIDDEN, N_TEST_SUMS = 4, 10
@@ -798,20 +798,28 @@ def _addition_row(world: World, rng: random.Random, a: int, b: int) -> dict:
             "kind": "addition", "a": a, "b": b}
 
 
+def held_out_operands(world: World) -> list[int]:
+    """The N_HELD_OUT_OPERANDS three-digit numbers that only test sums use (sorted)."""
+    return sorted(_stream(world, "addition-operands").sample(range(100, 1000), N_HELD_OUT_OPERANDS))
+
+
 def addition_examples(world: World, split: str) -> list[dict]:
     """Three-digit sums {question, direct, cot, answer, kind, a, b}, no (a, b) twice.
 
-    "train": N_ADDITION["train"] sums whose first operand is outside ADDITION_HELD_OUT; "test": N_ADDITION["test"]
-    sums whose first operand is inside it (the second operand is any three-digit number in both).
+    "train": N_ADDITION["train"] sums of two numbers outside `held_out_operands`; "test": N_ADDITION["test"] sums
+    of two held-out numbers. Held-out *values*, not a range: every digit still occurs at every position in
+    training. (A range such as first operands 500-599 asks the model to write a first digit it never wrote
+    there: the scratchpad model of lesson 11 then spelled none of them right, while it got fresh in-range sums
+    all right.)
     """
     _check_split(split, ("train", "test"))
     rng = _stream(world, f"addition-{split}")
-    lo, hi = ADDITION_HELD_OUT
-    firsts = [a for a in range(100, 1000) if (lo <= a <= hi) == (split == "test")]
+    held = held_out_operands(world)
+    operands = held if split == "test" else sorted(set(range(100, 1000)) - set(held))
     seen: set[tuple[int, int]] = set()
     rows = []
     while len(rows) < N_ADDITION[split]:
-        a, b = rng.choice(firsts), rng.randint(100, 999)
+        a, b = rng.choice(operands), rng.choice(operands)
         if (a, b) not in seen:
             seen.add((a, b))
             rows.append(_addition_row(world, rng, a, b))

@@ -5,13 +5,14 @@ import re
 import pytest
 
 from minillm.world import (
-    ADDITION_HELD_OUT,
     N_ADDITION,
+    N_HELD_OUT_OPERANDS,
     addition_examples,
     addition_scratchpad,
     check_answer,
     gold_reward,
     gold_reward_terms,
+    held_out_operands,
     make_world,
     parse_prompt,
     reasoning_chat,
@@ -42,15 +43,19 @@ def test_scratchpad_columns_are_right_for_random_sums():
             assert int(x) + int(y) + int(c) == int(total)
 
 
-def test_addition_splits_hold_out_the_first_operand_range():
-    lo, hi = ADDITION_HELD_OUT
+def test_addition_splits_hold_out_operand_values():
+    held = set(held_out_operands(WORLD))
     train, test = addition_examples(WORLD, "train"), addition_examples(WORLD, "test")
-    assert len(train) == N_ADDITION["train"] and len(test) == N_ADDITION["test"]
-    assert all(not lo <= r["a"] <= hi for r in train) and all(lo <= r["a"] <= hi for r in test)
+    assert len(held) == N_HELD_OUT_OPERANDS and len(train) == N_ADDITION["train"] and len(test) == N_ADDITION["test"]
+    assert all(r["a"] not in held and r["b"] not in held for r in train)
+    assert all(r["a"] in held and r["b"] in held for r in test)
     pairs = [(r["a"], r["b"]) for r in train + test]
     assert len(set(pairs)) == len(pairs)
-    assert all(100 <= r["b"] <= 999 and r["answer"] == str(r["a"] + r["b"]) for r in train + test)
+    assert all(100 <= r["a"] <= 999 and 100 <= r["b"] <= 999 and r["answer"] == str(r["a"] + r["b"]) for r in train + test)
     assert any(r["a"] + r["b"] >= 1000 for r in test)  # a carry out of the last column occurs
+    # every digit occurs at every position of a training operand
+    for pos in range(3):
+        assert {str(r["a"])[pos] for r in train} >= set("123456789")
 
 
 def test_two_hop_bridges_are_unique_and_splits_hold_out_characters():

@@ -346,7 +346,7 @@ def _pct(x: float | None) -> str:
 def render_report(s: dict[str, Any]) -> str:
     """The report card of lesson 11 as markdown tables."""
     lines = ["# Reasoning and test-time compute (lesson 11)", "",
-             f"Held-out questions: {s['test_questions']['addition']} sums (first operand 500-599), "
+             f"Held-out questions: {s['test_questions']['addition']} sums of held-out operands, "
              f"{s['test_questions']['two_hop']} two-hop questions about held-out characters. "
              f"SFT: {s['sft_steps']} steps on {sum(s['train_questions'].values())} questions.", "",
              "## 1. SFT on direct vs worked answers (greedy accuracy)", "",
