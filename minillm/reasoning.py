@@ -77,6 +77,8 @@ def weighted_vote(answers: Sequence[str | None], weights: Sequence[float]) -> tu
 
 
 def _vote(answers: Sequence[str | None], weights: Sequence[float]) -> tuple[Any, Any]:
+    """(argmax_a sum_i w_i [ans_i = a], that sum); None answers are skipped; ties go to the answer seen first."""
+    # BEGIN ASSIGNMENT majority-vote
     totals: dict[str, float] = {}  # insertion order = first appearance, which breaks ties
     for a, w in zip(answers, weights):
         if a is not None:
@@ -86,6 +88,7 @@ def _vote(answers: Sequence[str | None], weights: Sequence[float]) -> tuple[Any,
     best = max(totals, key=lambda a: totals[a])  # max keeps the first of equal keys
     total = totals[best]
     return best, int(total) if all(w == 1.0 for w in weights) else total
+    # END ASSIGNMENT
 
 
 def softmax_weights(scores: Sequence[float], temperature: float = 1.0) -> list[float]:

@@ -263,6 +263,7 @@ def beam_search(
     B, T = idx.shape
     _check_beam_args(model, T, beam_width, max_new_tokens)
     W, V = beam_width, model.config.vocab_size
+    # BEGIN ASSIGNMENT beam-search
     was_training = model.training
     model.eval()
     try:
@@ -318,6 +319,7 @@ def beam_search(
     for b, (_, toks) in enumerate(best):
         out[b, T:T + len(toks)] = torch.tensor(toks, dtype=torch.long)
     return out, torch.tensor([score for score, _ in best], device=idx.device)
+    # END ASSIGNMENT
 
 
 def _add_finished(hyps: list[tuple[float, list[int]]], score: float, tokens: list[int], keep: int) -> None:
