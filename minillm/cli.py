@@ -20,11 +20,26 @@ import torch
 
 from minillm import assignments
 from minillm.config import (
-    PRESETS, DistillConfig, DPOConfig, EvalConfig, GRPOConfig, PairsConfig, PPOConfig,
-    ReasoningConfig, RewardConfig, SFTConfig,
-    TrainConfig, get_preset, override,
+    PRESETS,
+    DistillConfig,
+    DPOConfig,
+    EvalConfig,
+    GRPOConfig,
+    PairsConfig,
+    PPOConfig,
+    ReasoningConfig,
+    RewardConfig,
+    SFTConfig,
+    TrainConfig,
+    get_preset,
+    override,
 )
-from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
+from minillm.memory import (
+    MODEL_PRESETS,
+    format_memory_table,
+    gpt2_param_count,
+    memory_table,
+)
 from minillm.model import GPTConfig
 from minillm.peft.apply import PEFT_METHODS
 from minillm.pipeline import run_pipeline
@@ -34,11 +49,18 @@ from minillm.stages import compare
 from minillm.stages.compress import run_compress
 from minillm.stages.distill import PRETRAIN_KD, run_distill, student_base
 from minillm.stages.dpo import run_dpo
-from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
+from minillm.stages.evaluate import (
+    DEFAULT_FEWSHOT,
+    DEFAULT_MCQ,
+    DEFAULT_PPL,
+    evaluate_run,
+    render_table,
+)
 from minillm.stages.grpo import run_grpo
 from minillm.stages.pairs import run_pairs
 from minillm.stages.ppo import run_ppo
 from minillm.stages.pretrain import run_pretrain
+from minillm.stages.reasoning import PARTS as REASONING_PARTS
 from minillm.stages.reasoning import run_reasoning
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
@@ -286,7 +308,8 @@ def cmd_reasoning(args: argparse.Namespace) -> None:
     if args.rl_steps is not None:
         rl_cfg = override(rl_cfg, {"max_steps": args.rl_steps})
     run_reasoning(args.base, args.data, args.out, stage_train_config(args, "reasoning"), rl_cfg,
-                  stage_method(args, "reasoning"), chat=args.chat, reward=args.reward, progress=True)
+                  stage_method(args, "reasoning"), chat=args.chat, reward=args.reward, progress=True,
+                  parts=tuple(args.parts.split(",")) if args.parts else REASONING_PARTS)
     print(Path(args.out, "report.md").read_text())
     print(f"summary: {Path(args.out, 'summary.json')}")
 
@@ -467,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", default=None, help="a chat SFT run for the prompting rows (e.g. runs/pipeline/sft)")
     p.add_argument("--reward", default=None, help="a reward-model run for best-of-N and weighted voting")
     p.add_argument("--rl-steps", type=int, default=None, help="GRPO steps with the verifier (default: the preset's)")
+    p.add_argument("--parts", default=None, help=f"comma-separated subset of {','.join(REASONING_PARTS)}: re-run only "
+                   "those, reusing OUT/sft_direct and OUT/sft_cot")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--out", default="runs/reasoning")
     p.set_defaults(func=cmd_reasoning)

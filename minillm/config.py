@@ -215,9 +215,12 @@ class ReasoningConfig:
     n_max: int = knob(32, "samples per question in the pool: N = 1, 2, 4, ... n_max")
     pool_limit: int = knob(48, "questions per task in the test-time-compute pool")
     rl_group_size: int = knob(8, "RLVR: GRPO responses per prompt")
+    rl_start_steps: int = knob(300, "RLVR starts from a CoT model after this many SFT steps (the fully trained one "
+                                    "gets almost every training sum right: all-right groups carry no gradient)")
 
     def __post_init__(self) -> None:
-        for name in ("eval_limit", "max_new_tokens", "beam_width", "n_max", "pool_limit", "rl_group_size"):
+        for name in ("eval_limit", "max_new_tokens", "beam_width", "n_max", "pool_limit", "rl_group_size",
+                     "rl_start_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ReasoningConfig.{name} must be an int >= 1, got {v!r}")
@@ -423,7 +426,7 @@ PRESETS: dict[str, Preset] = {
                                  eval_interval=0, eval_iters=1, log_interval=1),
         # the tiny context (64 tokens) holds no three-digit scratchpad: the code path runs, the answers are cut
         reasoning_method=ReasoningConfig(eval_limit=6, max_new_tokens=20, shots=1, beam_width=2, n_max=4,
-                                         pool_limit=3, rl_group_size=4),
+                                         pool_limit=3, rl_group_size=4, rl_start_steps=3),
     ),
     # The default: the whole pipeline in minutes on a 2-core laptop CPU.
     # reward_method loglik: the last-token head alone stays at chance on held-out wrong facts (align/reward.py).

@@ -102,7 +102,7 @@ def test_run_reasoning_fills_every_experiment(tmp_path):
     base = make_run(tmp_path / "base", 0, stage="pretrain")
     chat = make_run(tmp_path / "chat", 1, stage="sft")
     method = ReasoningConfig(eval_limit=3, max_new_tokens=12, shots=1, beam_width=2, n_max=2, pool_limit=2,
-                             rl_group_size=2)
+                             rl_group_size=2, rl_start_steps=1)
     s = run_reasoning(base, data, tmp_path / "out", FAST, FAST, method, chat=chat)
     assert set(s["sft"]) == {"direct", "cot"} and set(s["sft"]["cot"]) >= {"addition", "two_hop", "seconds"}
     assert {r["model"] for r in s["prompting"]} == {"base (text prompt)", "chat SFT model"}
@@ -110,9 +110,17 @@ def test_run_reasoning_fills_every_experiment(tmp_path):
     assert set(s["decoding"]["addition"]) == {"greedy", "beam search (W=2)", "one sample (T=0.7)"}
     assert list(s["scaling"]["two_hop"]) == ["1", "2"] and "rm" not in s["scaling"]["two_hop"]["1"]
     assert len(s["rlvr"]["rollout_reward"]) == FAST.max_steps and s["rlvr"]["rollout_length"][0] > 0
-    for f in ("summary.json", "report.md", "scaling.png", "sft_cot/ckpt.pt", "rlvr/ckpt.pt"):
+    assert s["rlvr"]["start_steps"] == 1
+    for f in ("summary.json", "report.md", "scaling.png", "sft_cot/ckpt.pt", "sft_cot_early/ckpt.pt", "rlvr/ckpt.pt"):
         assert (tmp_path / "out" / f).exists(), f
     assert "## 5. RLVR" in (tmp_path / "out" / "report.md").read_text()
+    # one part again: the SFT runs are reused, the other sections kept
+    again = run_reasoning(base, data, tmp_path / "out", FAST, FAST, method, parts=("decoding",))
+    assert again["sft"] == s["sft"] and again["rlvr"] == s["rlvr"] and again["prompting"] == s["prompting"]
+    with pytest.raises(ValueError, match="parts: unknown"):
+        run_reasoning(base, data, tmp_path / "out", FAST, FAST, method, parts=("beam",))
+    with pytest.raises(FileNotFoundError, match="run the 'sft' part first"):
+        run_reasoning(base, data, tmp_path / "empty", FAST, FAST, method, parts=("scaling",))
 
 
 def test_pipeline_knows_the_optional_stage(tmp_path):

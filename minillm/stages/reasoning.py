@@ -14,9 +14,10 @@ Accuracy is `minillm.world.check_answer`: the final answer is checked, the reaso
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,13 @@ from minillm.config import GRPOConfig, ReasoningConfig, SFTConfig, TrainConfig
 from minillm.datasets import read_jsonl
 from minillm.plots import plot_series
 from minillm.reasoning import (
-    ZERO_SHOT_COT, extract_answer, few_shot_messages, few_shot_text, majority_vote, pick_best, softmax_weights,
+    ZERO_SHOT_COT,
+    extract_answer,
+    few_shot_messages,
+    few_shot_text,
+    majority_vote,
+    pick_best,
+    softmax_weights,
     weighted_vote,
 )
 from minillm.runs import load_plain_run
@@ -40,7 +47,8 @@ from minillm.world import check_answer, make_world
 
 __all__ = [
     "TASKS", "task_rows", "write_format_chats", "chat_prompt_ids", "text_prompt_ids", "answers_of", "accuracy",
-    "greedy_responses", "beam_responses", "sample_pool", "scaling_curve", "prompting_table", "run_reasoning",
+    "greedy_responses", "beam_responses", "sample_pool", "scaling_curve", "prompting_table", "PARTS", "run_reasoning",
+    "render_report",
 ]
 
 TASKS = ("addition", "two_hop")
@@ -236,16 +244,24 @@ def _eval_model(model, tok, tests, method) -> dict[str, Any]:
     return out
 
 
+PARTS = ("sft", "prompting", "decoding", "scaling", "rlvr")
+
+
 def run_reasoning(base: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, sft_cfg: TrainConfig,
                   rl_cfg: TrainConfig, method: ReasoningConfig | None = None, chat: str | os.PathLike | None = None,
-                  reward: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
-    """All five experiments of the module docstring; writes out/summary.json, out/report.md, out/scaling.png.
+                  reward: str | os.PathLike | None = None, progress: bool = False,
+                  parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """The five experiments of the module docstring; writes out/summary.json, out/report.md, out/scaling.png.
 
     base: the pretrained run both SFT runs start from; chat: the pipeline's chat SFT model (prompting rows);
     reward: a reward-model run (best-of-N and weighted voting by the reward model). Runs go to out/sft_direct,
-    out/sft_cot and out/rlvr.
+    out/sft_cot, out/sft_cot_early and out/rlvr. parts: a subset of PARTS re-runs only those experiments, reusing
+    out/sft_direct and out/sft_cot and updating the sections of an existing out/summary.json.
     """
     method = method or ReasoningConfig()
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"parts: unknown {unknown}; choose from {list(PARTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -253,48 +269,66 @@ def run_reasoning(base: str | os.PathLike, data: str | os.PathLike, out: str | o
     train = {t: task_rows(data, t, "train") for t in TASKS}
     tests = {"addition": task_rows(data, "addition", "test", method.eval_limit),
              "two_hop": task_rows(data, "two_hop", "test")}
-    train_rows = train["addition"] + train["two_hop"]
-    summary: dict[str, Any] = {"method": asdict(method), "sft_steps": sft_cfg.max_steps,
-                               "train_questions": {t: len(r) for t, r in train.items()},
-                               "test_questions": {t: len(r) for t, r in tests.items()}}
+    old = out / "summary.json"
+    summary: dict[str, Any] = json.loads(old.read_text()) if set(parts) != set(PARTS) and old.exists() else {}
+    summary.update({"method": asdict(method), "sft_steps": sft_cfg.max_steps,
+                    "train_questions": {t: len(r) for t, r in train.items()},
+                    "test_questions": {t: len(r) for t, r in tests.items()}})
 
     # 1. the same questions answered directly or worked out, the same SFT recipe
-    sft_runs, models = {}, {}
+    models, tok = {}, None
     for fmt in ("direct", "cot"):
-        chats = write_format_chats(train_rows, fmt, out / f"{fmt}_train.jsonl")
-        sft_runs[fmt] = run_sft(base, chats, out / f"sft_{fmt}", sft_cfg, SFTConfig(), progress=progress)
-        models[fmt] = sft_runs[fmt].model.to(device).eval()
-    tok = sft_runs["cot"].tokenizer
-    summary["sft"] = {fmt: {**_eval_model(m, tok, tests, method), "seconds": sft_runs[fmt].result.seconds}
-                      for fmt, m in models.items()}
+        if "sft" in parts:
+            chats = write_format_chats(train["addition"] + train["two_hop"], fmt, out / f"{fmt}_train.jsonl")
+            run = run_sft(base, chats, out / f"sft_{fmt}", sft_cfg, SFTConfig(), progress=progress)
+            model, tok, seconds = run.model, run.tokenizer, run.result.seconds
+        elif (out / f"sft_{fmt}" / "ckpt.pt").exists():
+            model, tok, _ = load_plain_run(out / f"sft_{fmt}")
+            seconds = summary.get("sft", {}).get(fmt, {}).get("seconds", float("nan"))
+        else:
+            raise FileNotFoundError(f"{out / f'sft_{fmt}'}: no SFT run to reuse; run the 'sft' part first")
+        models[fmt] = model.to(device).eval()
+        if "sft" in parts:
+            summary.setdefault("sft", {})[fmt] = {**_eval_model(models[fmt], tok, tests, method), "seconds": seconds}
+    cot = models["cot"]
 
     # 2. prompting without reasoning fine-tuning
-    base_model, _, _ = load_plain_run(base, device=device)
-    prompted = {"base (text prompt)": (base_model.eval(), False)}
-    if chat is not None:
-        prompted["chat SFT model"] = (load_plain_run(chat, device=device)[0].eval(), True)
-    summary["prompting"] = prompting_table(prompted, tok, tests, train, method)
+    if "prompting" in parts:
+        prompted = {"base (text prompt)": (load_plain_run(base, device=device)[0].eval(), False)}
+        if chat is not None:
+            prompted["chat SFT model"] = (load_plain_run(chat, device=device)[0].eval(), True)
+        summary["prompting"] = prompting_table(prompted, tok, tests, train, method)
 
     # 3. decoding the CoT model: greedy, beam search, one sample
-    cot = models["cot"]
-    decoding = {}
-    for task, test in tests.items():
-        ids = chat_prompt_ids(tok, test)
-        sample = [ys[0] for ys in sample_pool(cot, tok, ids, 1, method.temperature, method.max_new_tokens)]
-        decoding[task] = {
-            "greedy": summary["sft"]["cot"][task]["accuracy"],
-            f"beam search (W={method.beam_width})": accuracy(test, beam_responses(
-                cot, tok, ids, method.beam_width, method.max_new_tokens, method.length_penalty)),
-            f"one sample (T={method.temperature})": accuracy(test, sample),
-        }
-    summary["decoding"] = decoding
+    if "decoding" in parts:
+        summary["decoding"] = {}
+        for task, test in tests.items():
+            ids = chat_prompt_ids(tok, test)
+            sample = [ys[0] for ys in sample_pool(cot, tok, ids, 1, method.temperature, method.max_new_tokens)]
+            summary["decoding"][task] = {
+                "greedy": accuracy(test, greedy_responses(cot, tok, ids, method.max_new_tokens)),
+                f"beam search (W={method.beam_width})": accuracy(test, beam_responses(
+                    cot, tok, ids, method.beam_width, method.max_new_tokens, method.length_penalty)),
+                f"one sample (T={method.temperature})": accuracy(test, sample),
+            }
 
     # 4. test-time compute: one pool of n_max samples per question, read at N = 1, 2, 4, ...
-    scorer = None
-    if reward is not None:
-        scorer = reward_model_scorer(reward, device=str(device))
-    ns = _n_grid(method.n_max)
-    summary["scaling"] = {}
+    if "scaling" in parts:
+        summary["scaling"] = _scaling(cot, tok, tests, method, reward, device)
+        _plot_scaling(summary["scaling"], _n_grid(method.n_max), out / "scaling.png")
+
+    # 5. RLVR: GRPO on the training sums with the verifier as the reward
+    if "rlvr" in parts:
+        summary["rlvr"] = _rlvr(base, train, tests, out, sft_cfg, rl_cfg, method, device, progress)
+    summary["seconds"] = time.perf_counter() - t0
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "report.md", render_report(summary))
+    return summary
+
+
+def _scaling(cot, tok, tests, method: ReasoningConfig, reward, device) -> dict[str, dict[str, dict[str, float]]]:
+    scorer = reward_model_scorer(reward, device=str(device)) if reward is not None else None
+    curves = {}
     for task, test in tests.items():
         rows = test[:method.pool_limit]
         pool = sample_pool(cot, tok, chat_prompt_ids(tok, rows), method.n_max, method.temperature,
@@ -303,31 +337,39 @@ def run_reasoning(base: str | os.PathLike, data: str | os.PathLike, out: str | o
         if scorer is not None:
             flat = scorer([[{"role": "user", "content": r["question"]}] for r, ys in zip(rows, pool) for _ in ys],
                           [y for ys in pool for y in ys])
-            flat = [s if s == s else -1e9 for s in flat]  # NaN: a sample too long for the reward model ranks last
+            flat = [v if math.isfinite(v) else -1e9 for v in flat]  # NaN: a sample too long for the reward model ranks last
             rm_scores = [flat[i * method.n_max:(i + 1) * method.n_max] for i in range(len(rows))]
-        summary["scaling"][task] = {str(n): v for n, v in scaling_curve(rows, pool, ns, rm_scores).items()}
-    _plot_scaling(summary["scaling"], ns, out / "scaling.png")
+        curve = scaling_curve(rows, pool, _n_grid(method.n_max), rm_scores)
+        curves[task] = {str(n): v for n, v in curve.items()}
+    return curves
 
-    # 5. RLVR: GRPO on the sums with the verifier as the reward, from the CoT SFT model
-    rl_prompts = write_format_chats(train["addition"], "cot", out / "rlvr_prompts.jsonl")
+
+def _rlvr(base, train, tests, out: Path, sft_cfg: TrainConfig, rl_cfg: TrainConfig, method: ReasoningConfig,
+          device, progress: bool) -> dict[str, Any]:
+    """GRPO with the verifier from a CoT model trained for method.rl_start_steps SFT steps.
+
+    Why not the fully trained CoT model: it is right on nearly every training sum, and a group of samples that
+    are all right (or all wrong) has zero advantage, so GRPO would have nothing to learn from.
+    """
+    chats = write_format_chats(train["addition"], "cot", out / "rlvr_prompts.jsonl")
+    start_cfg = replace(sft_cfg, max_steps=method.rl_start_steps, eval_interval=0,
+                        warmup_steps=min(sft_cfg.warmup_steps, method.rl_start_steps // 10))
+    start = run_sft(base, chats, out / "sft_cot_early", start_cfg, SFTConfig(), progress=progress)
+    tok = start.tokenizer
+    before = _eval_model(start.model.to(device).eval(), tok, tests, method)
     grpo = GRPOConfig(max_new_tokens=method.max_new_tokens, group_size=method.rl_group_size, temperature=1.0)
-    before = summary["sft"]["cot"]
-    rl = run_grpo(out / "sft_cot", VERIFIER, rl_prompts, out / "rlvr", rl_cfg, grpo, progress=progress)
+    rl = run_grpo(out / "sft_cot_early", VERIFIER, chats, out / "rlvr", rl_cfg, grpo, progress=progress)
     after = _eval_model(rl.model.to(device).eval(), tok, tests, method)
-    metrics = [json.loads(x) for x in (out / "rlvr" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rollouts = [m for m in metrics if "objective/scores" in m]
-    summary["rlvr"] = {
-        "before": {t: before[t]["accuracy"] for t in TASKS}, "after": {t: after[t]["accuracy"] for t in TASKS},
-        "answer_tokens_before": before["addition"]["answer_tokens"],
-        "answer_tokens_after": after["addition"]["answer_tokens"],
-        "rollout_reward": [m["objective/scores"] for m in rollouts],
-        "rollout_length": [m["response/length"] for m in rollouts],
-        "seconds": rl.result.seconds,
-    }
-    summary["seconds"] = time.perf_counter() - t0
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    atomic_write_text(out / "report.md", render_report(summary))
-    return summary
+    rows = [json.loads(x) for x in (out / "rlvr" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rollouts = [m for m in rows if "objective/scores" in m]
+    return {"start_steps": method.rl_start_steps, "rl_steps": rl_cfg.max_steps,
+            "before": {t: before[t]["accuracy"] for t in TASKS}, "after": {t: after[t]["accuracy"] for t in TASKS},
+            "answer_tokens_before": before["addition"]["answer_tokens"],
+            "answer_tokens_after": after["addition"]["answer_tokens"],
+            "rollout_reward": [m["objective/scores"] for m in rollouts],
+            "rollout_length": [m["response/length"] for m in rollouts],
+            "zero_spread_groups": [m["frac_reward_zero_std"] for m in rollouts],
+            "sft_seconds": start.result.seconds, "rl_seconds": rl.result.seconds}
 
 
 def _plot_scaling(scaling: dict[str, dict[str, dict[str, float]]], ns: list[int], png: Path) -> None:
@@ -344,35 +386,49 @@ def _pct(x: float | None) -> str:
 
 
 def render_report(s: dict[str, Any]) -> str:
-    """The report card of lesson 11 as markdown tables."""
+    """The report card of lesson 11 as markdown tables (the sections of the parts that have run)."""
     lines = ["# Reasoning and test-time compute (lesson 11)", "",
              f"Held-out questions: {s['test_questions']['addition']} sums of held-out operands, "
              f"{s['test_questions']['two_hop']} two-hop questions about held-out characters. "
-             f"SFT: {s['sft_steps']} steps on {sum(s['train_questions'].values())} questions.", "",
-             "## 1. SFT on direct vs worked answers (greedy accuracy)", "",
-             "| SFT answers | addition | two-hop | answer tokens (addition) | train seconds |", "| --- | --- | --- | --- | --- |"]
-    for fmt, r in s["sft"].items():
-        lines.append(f"| {fmt} | {_pct(r['addition']['accuracy'])} | {_pct(r['two_hop']['accuracy'])} | "
-                     f"{r['addition']['answer_tokens']:.1f} | {r['seconds']:.0f} |")
-    lines += ["", "## 2. Prompting without reasoning fine-tuning (greedy accuracy)", "",
-              "| model | task | prompt | accuracy |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['model']} | {r['task']} | {r['prompt']} | {_pct(r['accuracy'])} |" for r in s["prompting"]]
-    lines += ["", "## 3. Decoding the CoT model", "", "| task | " + " | ".join(next(iter(s["decoding"].values()))) + " |",
-              "| --- |" + " --- |" * len(next(iter(s["decoding"].values())))]
-    lines += [f"| {t} | " + " | ".join(_pct(v) for v in d.values()) + " |" for t, d in s["decoding"].items()]
-    lines += ["", "## 4. Test-time compute: accuracy with N samples per question (CoT model)", ""]
-    for task, curve in s["scaling"].items():
-        keys = list(next(iter(curve.values())))
-        lines += [f"**{task}**", "", "| N | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
-        lines += [f"| {n} | " + " | ".join(_pct(v[k]) for k in keys) + " |" for n, v in curve.items()]
+             f"SFT: {s['sft_steps']} steps on {sum(s['train_questions'].values())} questions.", ""]
+    if "sft" in s:
+        lines += ["## 1. SFT on direct vs worked answers (greedy accuracy)", "",
+                  "| SFT answers | addition | two-hop | answer tokens (addition) | train seconds |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {fmt} | {_pct(r['addition']['accuracy'])} | {_pct(r['two_hop']['accuracy'])} | "
+                  f"{r['addition']['answer_tokens']:.1f} | {r['seconds']:.0f} |" for fmt, r in s["sft"].items()]
         lines.append("")
-    r = s["rlvr"]
-    lines += ["## 5. RLVR: GRPO with the verifier as reward (sums), from the CoT SFT model", "",
-              "| | addition | two-hop | answer tokens (addition) |", "| --- | --- | --- | --- |",
-              f"| before | {_pct(r['before']['addition'])} | {_pct(r['before']['two_hop'])} | "
-              f"{r['answer_tokens_before']:.1f} |",
-              f"| after | {_pct(r['after']['addition'])} | {_pct(r['after']['two_hop'])} | "
-              f"{r['answer_tokens_after']:.1f} |", "",
-              f"Rollout reward (share right) first -> last: {r['rollout_reward'][0]:.3f} -> {r['rollout_reward'][-1]:.3f}"
-              if r["rollout_reward"] else "", "", f"Total: {s['seconds']:.0f} s.", ""]
+    if "prompting" in s:
+        lines += ["## 2. Prompting without reasoning fine-tuning (greedy accuracy)", "",
+                  "| model | task | prompt | accuracy |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['model']} | {r['task']} | {r['prompt']} | {_pct(r['accuracy'])} |" for r in s["prompting"]]
+        lines.append("")
+    if "decoding" in s:
+        names = list(next(iter(s["decoding"].values())))
+        lines += ["## 3. Decoding the CoT model (accuracy)", "", "| task | " + " | ".join(names) + " |",
+                  "| --- |" + " --- |" * len(names)]
+        lines += [f"| {t} | " + " | ".join(_pct(v) for v in d.values()) + " |" for t, d in s["decoding"].items()]
+        lines.append("")
+    if "scaling" in s:
+        lines += ["## 4. Test-time compute: accuracy with N samples per question (CoT model)", ""]
+        for task, curve in s["scaling"].items():
+            keys = list(next(iter(curve.values())))
+            lines += [f"**{task}**", "", "| N | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+            lines += [f"| {n} | " + " | ".join(_pct(v[k]) for k in keys) + " |" for n, v in curve.items()]
+            lines.append("")
+    if "rlvr" in s:
+        r = s["rlvr"]
+        lines += [f"## 5. RLVR: GRPO with the verifier as reward (sums), from a CoT model after {r['start_steps']} SFT "
+                  f"steps, {r['rl_steps']} GRPO steps", "",
+                  "| | addition | two-hop | answer tokens (addition) |", "| --- | --- | --- | --- |",
+                  f"| before | {_pct(r['before']['addition'])} | {_pct(r['before']['two_hop'])} | "
+                  f"{r['answer_tokens_before']:.1f} |",
+                  f"| after | {_pct(r['after']['addition'])} | {_pct(r['after']['two_hop'])} | "
+                  f"{r['answer_tokens_after']:.1f} |", ""]
+        if r["rollout_reward"]:
+            lines += [f"Rollout reward (share of right answers) first -> last: {r['rollout_reward'][0]:.3f} -> "
+                      f"{r['rollout_reward'][-1]:.3f}; mean response tokens {r['rollout_length'][0]:.1f} -> "
+                      f"{r['rollout_length'][-1]:.1f}; groups with zero spread {r['zero_spread_groups'][0]:.2f} -> "
+                      f"{r['zero_spread_groups'][-1]:.2f}.", ""]
+    lines += [f"Total: {s['seconds']:.0f} s.", ""]
     return "\n".join(lines)
