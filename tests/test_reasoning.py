@@ -117,3 +117,23 @@ def test_prompt_builders():
     assert few_shot_text(shots, "What is 4 plus 4?") == (
         "Question: What is 1 plus 2?\nAnswer: 1 plus 2 is 3.\n\nQuestion: What is 4 plus 4?\nAnswer:")
     assert few_shot_text([], "Q?", ZERO_SHOT_COT) == "Question: Q?\nAnswer: Let us think step by step."
+
+
+def test_best_of_one_equals_plain_sampling_from_a_model_with_the_same_generator():
+    from pathlib import Path
+
+    from minillm.model import GPT, GPTConfig
+    from minillm.stages.pairs import gold_scorer, sample_responses
+    from minillm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(Path(__file__).resolve().parent.parent / "data" / "tokenizer")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 946 plus 279?", "How old is Mira?")]
+    sample = lambda ps, n: sample_responses(model, tok, ps, n, max_new_tokens=6, seed=3)  # noqa: E731
+    plain = sample(prompts, 1)
+    assert [y for y, _ in best_of_n(prompts, 1, gold_scorer(), sample=sample)] == [c[0] for c in plain]
+    four = sample(prompts, 4)
+    best = best_of_n(prompts, 4, gold_scorer(), sample=sample)
+    scores = gold_scorer()([p for p in prompts for _ in range(4)], [y for c in four for y in c])
+    assert [s for _, s in best] == [max(scores[:4]), max(scores[4:])]
