@@ -288,8 +288,8 @@ def run_reasoning(base: str | os.PathLike, data: str | os.PathLike, out: str | o
         else:
             raise FileNotFoundError(f"{out / f'sft_{fmt}'}: no SFT run to reuse; run the 'sft' part first")
         models[fmt] = model.to(device).eval()
-        if "sft" in parts:
-            summary.setdefault("sft", {})[fmt] = {**_eval_model(models[fmt], tok, tests, method), "seconds": seconds}
+        # evaluated every time (seconds): a changed max_new_tokens or eval_limit applies to the reused runs too
+        summary.setdefault("sft", {})[fmt] = {**_eval_model(models[fmt], tok, tests, method), "seconds": seconds}
     cot = models["cot"]
 
     # 2. prompting without reasoning fine-tuning
@@ -357,7 +357,8 @@ def _rlvr(base, train, tests, out: Path, sft_cfg: TrainConfig, rl_cfg: TrainConf
     start = run_sft(base, chats, out / "sft_cot_early", start_cfg, SFTConfig(), progress=progress)
     tok = start.tokenizer
     before = _eval_model(start.model.to(device).eval(), tok, tests, method)
-    grpo = GRPOConfig(max_new_tokens=method.max_new_tokens, group_size=method.rl_group_size, temperature=1.0)
+    grpo = GRPOConfig(max_new_tokens=method.max_new_tokens, group_size=method.rl_group_size,
+                      temperature=method.temperature)
     rl = run_grpo(out / "sft_cot_early", VERIFIER, chats, out / "rlvr", rl_cfg, grpo, progress=progress)
     after = _eval_model(rl.model.to(device).eval(), tok, tests, method)
     rows = [json.loads(x) for x in (out / "rlvr" / "metrics.jsonl").read_text().splitlines() if x.strip()]
