@@ -118,19 +118,19 @@ def _fits(model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
                          f"{max_new_tokens} it exceeds the context of {block} tokens (use fewer in-context examples)")
 
 
-def _stop_at_newline(tok, text: str) -> str:
-    """A base model continues "Answer: ..." with the next "Question:"; its answer is the first line."""
+def _first_line(text: str) -> str:
+    """A base model goes on after its answer with the next "Question:"; its answer is the first line."""
     return text.split("\n")[0].strip()
 
 
 @torch.no_grad()
 def greedy_responses(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, chat: bool = True) -> list[str]:
-    """Greedy decoding until <|end|> (chat) or a newline (plain text)."""
+    """Greedy decoding until <|end|> (chat), or until <|endoftext|> and then the first line (plain text)."""
     _fits(model, prompt_ids, max_new_tokens)
-    outs = generate_completions(model, prompt_ids, max_new_tokens, eos_id=tok.end_id if chat else None,
+    outs = generate_completions(model, prompt_ids, max_new_tokens, eos_id=tok.end_id if chat else tok.eot_id,
                                 temperature=0.0)
     texts = [tok.decode(o).strip() for o in outs]
-    return texts if chat else [_stop_at_newline(tok, t) for t in texts]
+    return texts if chat else [_first_line(t) for t in texts]
 
 
 @torch.no_grad()
@@ -207,12 +207,19 @@ def _fitting_shots(model, tok, rows, shots, build, max_new_tokens) -> list[tuple
     return shots
 
 
+# The prompted models were never trained to write a scratchpad: their answers are one sentence, and a smaller
+# answer budget leaves room in the context for in-context examples.
+PROMPTING_MAX_NEW_TOKENS = 32
+
+
 def prompting_table(models: dict[str, tuple[Any, bool]], tok, tests: dict[str, list[dict[str, Any]]],
                     train: dict[str, list[dict[str, Any]]], method: ReasoningConfig) -> list[dict[str, Any]]:
     """Greedy accuracy of each model with zero-shot, k-shot (direct and worked examples) and zero-shot CoT prompts.
 
-    models: name -> (model, chat?); a base model (chat False) gets "Question: .. Answer:" text prompts.
+    models: name -> (model, chat?); a base model (chat False) gets "Question: .. Answer:" text prompts. Answers get
+    min(method.max_new_tokens, PROMPTING_MAX_NEW_TOKENS) tokens; k is cut to what fits the context.
     """
+    method = replace(method, max_new_tokens=min(method.max_new_tokens, PROMPTING_MAX_NEW_TOKENS))
     rows = []
     for name, (model, chat) in models.items():
         build = chat_prompt_ids if chat else text_prompt_ids
