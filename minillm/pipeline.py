@@ -544,7 +544,8 @@ def stage_reasoning(ctx: Ctx) -> None:
             card(ctx, "reasoning", f"SFT on {fmt} answers: held-out {task} accuracy", s["sft"][fmt][task]["accuracy"])
     n_max = str(preset.reasoning_method.n_max)
     card(ctx, "reasoning", f"addition, majority vote of {n_max} samples", s["scaling"]["addition"][n_max]["majority"])
-    card(ctx, "reasoning", "addition after GRPO with the verifier (RLVR)", s["rlvr"]["after"]["addition"])
+    if "after" in s["rlvr"]:
+        card(ctx, "reasoning", "addition after GRPO with the verifier (RLVR)", s["rlvr"]["after"]["addition"])
     ctx["sections"].append("## Reasoning\n\nThe whole report: [reasoning/report.md](reasoning/report.md)\n\n"
                            "![test-time compute](reasoning/scaling.png)")
 

@@ -358,6 +358,13 @@ def _rlvr(base, train, tests, out: Path, sft_cfg: TrainConfig, rl_cfg: TrainConf
     Why not the fully trained CoT model: it is right on nearly every training sum, and a group of samples that
     are all right (or all wrong) has zero advantage, so GRPO would have nothing to learn from.
     """
+    base_model, tok, _ = load_plain_run(base)
+    block = base_model.config.block_size
+    fits = [r for r in train["addition"]
+            if len(chat_prompt_ids(tok, [r])[0]) + len(tok.encode(r["cot"])) + 1 <= block]
+    if not fits:
+        return {"skipped": f"no worked sum fits the context of {block} tokens (a preset with a longer context, e.g. "
+                           "cpu, runs this part)"}
     chats = write_format_chats(train["addition"], "cot", out / "rlvr_prompts.jsonl")
     start_cfg = replace(sft_cfg, max_steps=method.rl_start_steps, eval_interval=0,
                         warmup_steps=min(sft_cfg.warmup_steps, method.rl_start_steps // 10))
@@ -424,7 +431,9 @@ def render_report(s: dict[str, Any]) -> str:
             lines += [f"**{task}**", "", "| N | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
             lines += [f"| {n} | " + " | ".join(_pct(v[k]) for k in keys) + " |" for n, v in curve.items()]
             lines.append("")
-    if "rlvr" in s:
+    if "rlvr" in s and "skipped" in s["rlvr"]:
+        lines += ["## 5. RLVR", "", f"Skipped: {s['rlvr']['skipped']}.", ""]
+    elif "rlvr" in s:
         r = s["rlvr"]
         lines += [f"## 5. RLVR: GRPO with the verifier as reward (sums), from a CoT model after {r['start_steps']} SFT "
                   f"steps, {r['rl_steps']} GRPO steps", "",
