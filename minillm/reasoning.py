@@ -59,7 +59,8 @@ def majority_vote(answers: Sequence[str | None]) -> tuple[str | None, int]:
 
     a* = argmax_a sum_i [ans_i = a]. (None, 0) when no sample has an answer.
     """
-    return _vote(answers, [1.0] * len(answers))
+    answer, count = _vote(answers, [1.0] * len(answers))
+    return answer, int(count)
 
 
 def weighted_vote(answers: Sequence[str | None], weights: Sequence[float]) -> tuple[str | None, float]:
@@ -76,7 +77,7 @@ def weighted_vote(answers: Sequence[str | None], weights: Sequence[float]) -> tu
     return _vote(answers, weights)
 
 
-def _vote(answers: Sequence[str | None], weights: Sequence[float]) -> tuple[Any, Any]:
+def _vote(answers: Sequence[str | None], weights: Sequence[float]) -> tuple[str | None, float]:
     """(argmax_a sum_i w_i [ans_i = a], that sum); None answers are skipped; ties go to the answer seen first."""
     # BEGIN ASSIGNMENT majority-vote
     totals: dict[str, float] = {}  # insertion order = first appearance, which breaks ties
@@ -84,17 +85,16 @@ def _vote(answers: Sequence[str | None], weights: Sequence[float]) -> tuple[Any,
         if a is not None:
             totals[a] = totals.get(a, 0.0) + w
     if not totals:
-        return None, 0
+        return None, 0.0
     best = max(totals, key=lambda a: totals[a])  # max keeps the first of equal keys
-    total = totals[best]
-    return best, int(total) if all(w == 1.0 for w in weights) else total
+    return best, totals[best]
     # END ASSIGNMENT
 
 
 def softmax_weights(scores: Sequence[float], temperature: float = 1.0) -> list[float]:
     """w_i = exp(s_i / t) / sum_j exp(s_j / t): scores of any sign as voting weights that sum to 1."""
     _check_finite(scores, "softmax_weights")
-    if temperature <= 0:
+    if not temperature > 0:  # NaN fails too
         raise ValueError(f"temperature must be > 0, got {temperature}")
     top = max(scores)
     e = [math.exp((s - top) / temperature) for s in scores]
@@ -123,6 +123,8 @@ def best_of_n(prompts: list[Any], n: int, scorer: Scorer, *, sample: Sampler) ->
         raise ValueError(f"best_of_n: the sampler must return {n} responses for each of {len(prompts)} prompts")
     flat_prompts = [p for p in prompts for _ in range(n)]
     flat = scorer(flat_prompts, [y for c in candidates for y in c])
+    if len(flat) != n * len(prompts):
+        raise ValueError(f"best_of_n: the scorer returned {len(flat)} scores for {n * len(prompts)} responses")
     out = []
     for i, c in enumerate(candidates):
         scores = list(flat[i * n:(i + 1) * n])

@@ -271,17 +271,18 @@ def beam_search(
         logits, past = model(idx, use_cache=True)  # the prompt runs once per row, not once per beam
         past = [(k.repeat_interleave(W, 0), v.repeat_interleave(W, 0)) for k, v in past]  # (B * W, H, T, D)
         logp = F.log_softmax(logits[:, -1].float(), dim=-1).repeat_interleave(W, 0)  # (B * W, V)
-        alive = torch.full((B, W), -math.inf, device=idx.device)
+        # float64 sums: the stopping test compares them with finished scores kept as Python floats
+        alive = torch.full((B, W), -math.inf, dtype=torch.float64, device=idx.device)
         alive[:, 0] = 0.0  # W identical copies of the prompt: only the first may extend, or the beams would repeat
         seqs = idx.repeat_interleave(W, 0)  # (B * W, T + length)
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         for step in range(max_new_tokens):
             length = step + 1
-            candidates = (alive.view(-1, 1) + logp).view(B, W * V)  # (B, W * V): beam-major
+            candidates = (alive.view(-1, 1) + logp.double()).view(B, W * V)  # (B, W * V): beam-major
             top_scores, top_flat = candidates.topk(min(2 * W, W * V), dim=1)  # (B, 2W)
             keep_src = torch.zeros(B, W, dtype=torch.long, device=idx.device)
             keep_tok = torch.zeros(B, W, dtype=torch.long, device=idx.device)
-            new_alive = torch.full((B, W), -math.inf, device=idx.device)
+            new_alive = torch.full((B, W), -math.inf, dtype=torch.float64, device=idx.device)
             for b in range(B):
                 kept = 0
                 for score, flat in zip(top_scores[b].tolist(), top_flat[b].tolist()):
@@ -300,15 +301,17 @@ def beam_search(
             alive = new_alive
             bound = _best_possible(alive, length, max_new_tokens, length_penalty).max(dim=1).values
             done = [len(f) == W and bound[b].item() <= f[-1][0] for b, f in enumerate(finished)]
-            if length == max_new_tokens or all(done):
+            if all(done):  # no alive beam can beat the finished ones: they are not candidates any more
+                break
+            if length == max_new_tokens:
+                for b in range(B):  # beams alive at the end finish as they are
+                    for w in range(W):
+                        if alive[b, w] > -math.inf:
+                            _add_finished(finished[b], alive[b, w].item() / length ** length_penalty,
+                                          seqs[b * W + w, T:].tolist(), W)
                 break
             logits, past = model(keep_tok.view(-1, 1), past_key_values=past, use_cache=True)
             logp = F.log_softmax(logits[:, -1].float(), dim=-1)
-        for b in range(B):  # beams alive at the end finish as they are
-            for w in range(W):
-                if alive[b, w] > -math.inf:
-                    _add_finished(finished[b], alive[b, w].item() / length ** length_penalty,
-                                  seqs[b * W + w, T:].tolist(), W)
     finally:
         model.train(was_training)
     best = [f[0] for f in finished]

@@ -865,7 +865,9 @@ def reasoning_chat(row: dict, fmt: str) -> list[dict]:
     return _chat(row["question"], row[fmt])
 
 
-_NUMBER_RE = re.compile(r"(?<![\d,])\d{1,3}(?:,\d{3})+(?![\d,])|\d+")
+# ASCII digits standing as a word of their own (as the gold reward always read them: "7th" and "2b" are no
+# numbers), or one number with thousands separators ("1,225").
+_NUMBER_RE = re.compile(r"(?<![0-9A-Za-z,])[0-9]{1,3}(?:,[0-9]{3})+(?![0-9A-Za-z,])|(?<![0-9A-Za-z])[0-9]+(?![0-9A-Za-z])")
 
 
 def final_number(text: str) -> int | None:

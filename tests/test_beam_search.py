@@ -147,3 +147,18 @@ def test_an_eos_outside_the_w_best_extensions_does_not_finish():
     assert tokens[0, 1].item() == 1
     tokens, score = beam_search(Bigram(probs), torch.tensor([[0]]), 2, 2, length_penalty=0.0, eos_id=3)
     assert tokens[0, 1:].tolist() == [3] and score.item() == pytest.approx(math.log(0.4), abs=1e-6)
+
+
+def test_an_early_stop_never_returns_an_unfinished_beam():
+    # found in review: with length_penalty < 0 a beam still alive at an early stop, scored at its short length,
+    # beat the finished ones ([3, 3, 3] at -7.139 instead of [3, 3, 2] at -7.227)
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=5, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(2)
+    tokens, score = beam_search(model, torch.tensor([[2, 0, 3]]), 2, 6, length_penalty=-0.5, eos_id=2)
+    new = tokens[0, 3:].tolist()
+    assert new[: new.index(2) + 1] == [3, 3, 2] if 2 in new else len(new) == 6
+    assert score.item() == pytest.approx(_score(model, [2, 0, 3], [3, 3, 2], -0.5), abs=1e-4)

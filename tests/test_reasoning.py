@@ -137,3 +137,15 @@ def test_best_of_one_equals_plain_sampling_from_a_model_with_the_same_generator(
     best = best_of_n(prompts, 4, gold_scorer(), sample=sample)
     scores = gold_scorer()([p for p in prompts for _ in range(4)], [y for c in four for y in c])
     assert [s for _, s in best] == [max(scores[:4]), max(scores[4:])]
+
+
+def test_review_cases_numbers_votes_and_scorer_length():
+    from minillm.world import gold_reward_terms
+    # digits inside a word are no answer, as the gold reward always read them
+    assert extract_answer("It is the 7th.") is None and extract_answer("2b or not 2b") is None
+    assert gold_reward_terms("Add 0 and 4.", "3 plus 4 is 7th.")["correctness"] == 1.0  # the last number is 4
+    assert weighted_vote(["a", "b", "a"], [1.0, 1.0, 1.0]) == ("a", 2.0)  # a float total, like any weights
+    with pytest.raises(ValueError, match="temperature"):
+        softmax_weights([0.0, 1.0], temperature=float("nan"))
+    with pytest.raises(ValueError, match="returned 3 scores for 4 responses"):
+        best_of_n(["a", "b"], 2, lambda p, r: [1.0, 2.0, 3.0], sample=_sampler(0))
