@@ -130,7 +130,7 @@ def test_best_of_one_equals_plain_sampling_from_a_model_with_the_same_generator(
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
     prompts = [[{"role": "user", "content": q}] for q in ("What is 946 plus 279?", "How old is Mira?")]
-    sample = lambda ps, n: sample_responses(model, tok, ps, n, max_new_tokens=6, seed=3)  # noqa: E731
+    sample = lambda ps, n: sample_responses(model, tok, ps, n, max_new_tokens=6, seed=3)
     plain = sample(prompts, 1)
     assert [y for y, _ in best_of_n(prompts, 1, gold_scorer(), sample=sample)] == [c[0] for c in plain]
     four = sample(prompts, 4)
