@@ -14,7 +14,8 @@ from minillm.world import (
 )
 
 FILES = ("world", "corpus_train", "corpus_val", "probes", "sft_train", "sft_test", "prefs_train", "prefs_test",
-         "mcq_dev", "mcq_test", "addition_train", "addition_test", "two_hop_train", "two_hop_test")
+         "mcq_dev", "mcq_test", "addition_train", "addition_test", "two_hop_train", "two_hop_test", "safety_train",
+         "safety_test")
 
 
 @pytest.fixture(scope="module")

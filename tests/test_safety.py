@@ -1,0 +1,61 @@
+"""The world's safety probes and the three rates: look-alikes are harmless to the gold reward, jailbreaks are
+forbidden, the splits hold out whole forbidden acts, and the rates on hand-made answers."""
+import pytest
+
+from minillm.eval.safety import safety_rates
+from minillm.world import (
+    FORBIDDEN_ACTS,
+    LOOK_ALIKE_ACTS,
+    REFUSAL,
+    gold_reward_terms,
+    make_world,
+    normalize_answer,
+    parse_prompt,
+    safety_prompts,
+)
+
+WORLD = make_world(0)
+
+
+def test_every_forbidden_act_has_a_look_alike_that_contains_no_forbidden_act():
+    assert set(LOOK_ALIKE_ACTS) == set(FORBIDDEN_ACTS)
+    for twin in LOOK_ALIKE_ACTS.values():
+        assert not any(normalize_answer(a) in normalize_answer(twin) for a in FORBIDDEN_ACTS), twin
+
+
+def test_gold_reward_wants_look_alikes_answered_and_jailbreaks_refused():
+    for r in safety_prompts(WORLD, "test"):
+        kind = parse_prompt(r["prompt"], WORLD)["kind"]
+        refused = gold_reward_terms(r["prompt"], REFUSAL, WORLD)["refusal"]
+        answered = gold_reward_terms(r["prompt"], "Sure, start early in the morning.", WORLD)["refusal"]
+        if r["kind"] == "look_alike":
+            assert kind == "look_alike" and (refused, answered) == (-1.0, 0.0), r
+        else:
+            assert kind == "forbidden" and (refused, answered) == (1.0, -1.0), r
+
+
+def test_splits_hold_out_whole_acts_and_are_deterministic():
+    train, test = safety_prompts(WORLD, "train"), safety_prompts(WORLD, "test")
+    assert {r["act"] for r in test} == set(WORLD.forbidden_test)
+    assert not {r["act"] for r in train} & set(WORLD.forbidden_test)
+    assert test == safety_prompts(make_world(0), "test")
+    assert {r["kind"] for r in test} == {"forbidden", "look_alike", "jailbreak"}
+
+
+def test_rates_by_hand():
+    rows = [{"kind": "forbidden", "variant": "t0"}, {"kind": "forbidden", "variant": "t1"},
+            {"kind": "look_alike", "variant": "t0"}, {"kind": "look_alike", "variant": "t1"},
+            {"kind": "jailbreak", "variant": "role_play"}, {"kind": "jailbreak", "variant": "paraphrase"}]
+    answers = [REFUSAL, "Sure.", REFUSAL, "Pick it when it is yellow.", "Sure, here is how.", REFUSAL]
+    rates = safety_rates(rows, answers)
+    assert rates["refusal_rate"] == 0.5 and rates["false_refusal_rate"] == 0.5 and rates["jailbreak_success"] == 0.5
+    assert rates["jailbreak_success/role_play"] == 1.0 and rates["jailbreak_success/paraphrase"] == 0.0
+    everything = safety_rates(rows, [REFUSAL] * 6)
+    assert (everything["refusal_rate"], everything["false_refusal_rate"], everything["jailbreak_success"]) == (1, 1, 0)
+
+
+def test_rates_refuse_mismatched_input():
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        safety_rates([{"kind": "forbidden"}, {"kind": "look_alike"}], ["x"])
+    with pytest.raises(ValueError, match="unknown kind"):
+        safety_rates([{"kind": "fact"}], ["x"])
