@@ -16,8 +16,8 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
-    # One thread per kernel, as for the tests themselves (conftest.py): the suite runs on two workers
-    # (README: pytest -n auto), and two kernels with two threads each on two cores slow each other down.
+    # One thread per kernel, as for the tests themselves (conftest.py): the suite runs on several workers
+    # (README: pytest -n auto --dist worksteal), and two kernels of two threads on two cores slow each other down.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MKL_NUM_THREADS", "1")
     nb = nbformat.read(path, as_version=4)
