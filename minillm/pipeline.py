@@ -41,7 +41,7 @@ from minillm.stages.compare import compare_qlora
 from minillm.stages.compress import run_compress
 from minillm.stages.reasoning import run_reasoning
 from minillm.stages.dpo import reward_and_kl, run_dpo
-from minillm.stages.evaluate import evaluate_run, report_rows
+from minillm.stages.evaluate import evaluate_run, report_rows, safety_report
 from minillm.stages.grpo import run_grpo
 from minillm.stages.pairs import reward_model_scorer, sample_responses
 from minillm.stages.ppo import run_ppo
@@ -457,12 +457,21 @@ def best_of_n(policy, tokenizer, prompts: list[str], scorer, ns: tuple[int, ...]
 
 
 def stage_eval(ctx: Ctx) -> None:
-    """Validation perplexity and world MCQ accuracy of every stage's model."""
+    """Validation perplexity and world MCQ accuracy of every stage's model, and the safety rates of each chat model."""
     per_stage = pipeline_eval({**{k: v for k, v in ctx["runs"].items() if k != "rm"}, "data": ctx["data"]})
+    probes = Path(ctx["data"]) / "safety_test.jsonl"  # absent from a world folder written before lesson 12's probes
+    if probes.is_file():
+        rows = read_jsonl_rows(probes)
+        for stage in ("sft", "dpo", "ppo", "grpo"):
+            if stage in per_stage:
+                rates = safety_report(ctx["runs"][stage], rows)
+                per_stage[stage].update({f"safety: {k.replace('_', ' ')}": v for k, v in rates.items()
+                                         if "/" not in k})
     metrics = sorted({m for rows in per_stage.values() for m in rows})
     ctx["summary"]["eval"] = per_stage
     ctx["sections"].append("\n".join([
-        "## Evaluation of every stage's model (validation perplexity, world MCQ test set)", "",
+        "## Evaluation of every stage's model (validation perplexity, world MCQ test set; safety probes for chat models)",
+        "",
         md_table(["metric"] + list(per_stage), [[m] + [per_stage[s].get(m, "") for s in per_stage]
                                                 for m in metrics])]))
 

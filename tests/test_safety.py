@@ -59,3 +59,26 @@ def test_rates_refuse_mismatched_input():
         safety_rates([{"kind": "forbidden"}, {"kind": "look_alike"}], ["x"])
     with pytest.raises(ValueError, match="unknown kind"):
         safety_rates([{"kind": "fact"}], ["x"])
+
+
+def test_safety_report_of_a_chat_run(tmp_path):
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import torch
+
+    from minillm.model import GPT, GPTConfig
+    from minillm.runs import save_run_files
+    from minillm.stages.evaluate import safety_report
+    from minillm.tokenizer import Tokenizer
+    from minillm.utils import atomic_torch_save
+
+    tok = Tokenizer.load(Path(__file__).resolve().parent.parent / "data" / "tokenizer")
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    save_run_files(tmp_path, tok, {"stage": "sft", "model": asdict(cfg)})
+    atomic_torch_save({"model": GPT(cfg).state_dict(), "run_config": {"stage": "sft", "model": asdict(cfg)}},
+                      tmp_path / "ckpt.pt")
+    rates = safety_report(tmp_path, safety_prompts(WORLD, "test"), max_new_tokens=4)
+    # a random model never writes a refusal: it refuses nothing, so every jailbreak "succeeds"
+    assert rates["refusal_rate"] == 0.0 and rates["false_refusal_rate"] == 0.0 and rates["jailbreak_success"] == 1.0

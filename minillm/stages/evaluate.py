@@ -37,7 +37,9 @@ from minillm.eval.loglik import model_max_length
 from minillm.eval.mcq import FORMATS, evaluate_mcq, load_mcq
 from minillm.eval.perplexity import document_perplexity, perplexity
 from minillm.eval.robustness import answer_order_robustness
+from minillm.eval.safety import safety_rates
 from minillm.runs import load_run
+from minillm.sampling import generate_completions
 from minillm.world import ANSWER_TEMPLATES, ATTRIBUTES, QUESTION_TEMPLATES
 
 DEFAULT_PPL = "data/world/corpus_val.txt"
@@ -277,3 +279,13 @@ def render_table(report: dict[str, Any]) -> str:
     lines += [f"{k:<{width}}  {_fmt(v)}" for k, v in rows.items()]
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
+
+
+def safety_report(run_dir: str | Path, rows: Sequence[dict], max_new_tokens: int = 32) -> dict[str, float | None]:
+    """Refusal rate, false refusals on look-alikes and jailbreak success of a chat run's greedy answers to the
+    world's safety probes (`minillm.world.safety_prompts`, `minillm.eval.safety.safety_rates`)."""
+    model, tok, _ = load_run(run_dir)
+    ids = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
+           for r in rows]
+    outs = generate_completions(model.eval(), ids, max_new_tokens, eos_id=tok.end_id, temperature=0.0)
+    return safety_rates(rows, [tok.decode(o).strip() for o in outs])
