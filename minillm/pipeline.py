@@ -470,7 +470,7 @@ def stage_eval(ctx: Ctx) -> None:
     metrics = sorted({m for rows in per_stage.values() for m in rows})
     ctx["summary"]["eval"] = per_stage
     ctx["sections"].append("\n".join([
-        "## Evaluation of every stage's model (validation perplexity, world MCQ test set; safety probes for chat models)",
+        "## Evaluation of every stage's model (validation perplexity, world MCQ test set, safety probes)",
         "",
         md_table(["metric"] + list(per_stage), [[m] + [per_stage[s].get(m, "") for s in per_stage]
                                                 for m in metrics])]))
