@@ -20,26 +20,10 @@ import torch
 
 from minillm import assignments
 from minillm.config import (
-    PRESETS,
-    DistillConfig,
-    DPOConfig,
-    EvalConfig,
-    GRPOConfig,
-    PairsConfig,
-    PPOConfig,
-    ReasoningConfig,
-    RewardConfig,
-    SFTConfig,
-    TrainConfig,
-    get_preset,
-    override,
+    PRESETS, DistillConfig, DPOConfig, EvalConfig, GRPOConfig, PairsConfig, PPOConfig, ReasoningConfig, RewardConfig,
+    SFTConfig, TrainConfig, get_preset, override,
 )
-from minillm.memory import (
-    MODEL_PRESETS,
-    format_memory_table,
-    gpt2_param_count,
-    memory_table,
-)
+from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
 from minillm.model import GPTConfig
 from minillm.peft.apply import PEFT_METHODS
 from minillm.pipeline import run_pipeline
@@ -49,19 +33,12 @@ from minillm.stages import compare
 from minillm.stages.compress import run_compress
 from minillm.stages.distill import PRETRAIN_KD, run_distill, student_base
 from minillm.stages.dpo import run_dpo
-from minillm.stages.evaluate import (
-    DEFAULT_FEWSHOT,
-    DEFAULT_MCQ,
-    DEFAULT_PPL,
-    evaluate_run,
-    render_table,
-)
+from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
 from minillm.stages.grpo import run_grpo
 from minillm.stages.pairs import run_pairs
 from minillm.stages.ppo import run_ppo
 from minillm.stages.pretrain import run_pretrain
-from minillm.stages.reasoning import PARTS as REASONING_PARTS
-from minillm.stages.reasoning import run_reasoning
+from minillm.stages.reasoning import PARTS as REASONING_PARTS, run_reasoning
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer

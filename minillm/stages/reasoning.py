@@ -43,7 +43,7 @@ from minillm.stages.pairs import reward_model_scorer
 from minillm.stages.rollout import VERIFIER
 from minillm.stages.sft import run_sft
 from minillm.utils import atomic_write_text, pick_device
-from minillm.world import check_answer, make_world
+from minillm.world import check_answer, make_world, reasoning_chat
 
 __all__ = [
     "TASKS", "task_rows", "write_format_chats", "chat_prompt_ids", "text_prompt_ids", "answers_of", "accuracy",
@@ -72,10 +72,7 @@ def task_rows(data: str | os.PathLike, task: str, split: str, limit: int | None 
 
 def write_format_chats(rows: list[dict[str, Any]], fmt: str, path: str | os.PathLike) -> Path:
     """An SFT file whose answers are the rows' "direct" or "cot" answers (the same questions either way)."""
-    if fmt not in ("direct", "cot"):
-        raise ValueError(f"fmt must be 'direct' or 'cot', got {fmt!r}")
-    text = "".join(json.dumps({"messages": [{"role": "user", "content": r["question"]},
-                                            {"role": "assistant", "content": r[fmt]}]}) + "\n" for r in rows)
+    text = "".join(json.dumps({"messages": reasoning_chat(r, fmt)}) + "\n" for r in rows)
     path = Path(path)
     atomic_write_text(path, text)
     return path
@@ -326,7 +323,8 @@ def run_reasoning(base: str | os.PathLike, data: str | os.PathLike, out: str | o
 
     # 5. RLVR: GRPO on the training sums with the verifier as the reward
     if "rlvr" in parts:
-        summary["rlvr"] = _rlvr(base, train, tests, out, sft_cfg, rl_cfg, method, device, progress)
+        summary["rlvr"] = _rlvr(base, tok, cot.config.block_size, train, tests, out, sft_cfg, rl_cfg, method, device,
+                                progress)
     summary["seconds"] = time.perf_counter() - t0
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(out / "report.md", render_report(summary))
@@ -351,17 +349,15 @@ def _scaling(cot, tok, tests, method: ReasoningConfig, reward, device) -> dict[s
     return curves
 
 
-def _rlvr(base, train, tests, out: Path, sft_cfg: TrainConfig, rl_cfg: TrainConfig, method: ReasoningConfig,
-          device, progress: bool) -> dict[str, Any]:
+def _rlvr(base, tok, block: int, train, tests, out: Path, sft_cfg: TrainConfig, rl_cfg: TrainConfig,
+          method: ReasoningConfig, device, progress: bool) -> dict[str, Any]:
     """GRPO with the verifier from a CoT model trained for method.rl_start_steps SFT steps.
 
     Why not the fully trained CoT model: it is right on nearly every training sum, and a group of samples that
     are all right (or all wrong) has zero advantage, so GRPO would have nothing to learn from.
     """
-    base_model, tok, _ = load_plain_run(base)
-    block = base_model.config.block_size
-    fits = [r for r in train["addition"]
-            if len(chat_prompt_ids(tok, [r])[0]) + len(tok.encode(r["cot"])) + 1 <= block]
+    # tok and block: the CoT SFT run's, which starts from the same base as the run trained here
+    fits = any(len(chat_prompt_ids(tok, [r])[0]) + len(tok.encode(r["cot"])) + 1 <= block for r in train["addition"])
     if not fits:
         return {"skipped": f"no worked sum fits the context of {block} tokens (a preset with a longer context, e.g. "
                            "cpu, runs this part)"}
@@ -369,7 +365,6 @@ def _rlvr(base, train, tests, out: Path, sft_cfg: TrainConfig, rl_cfg: TrainConf
     start_cfg = replace(sft_cfg, max_steps=method.rl_start_steps, eval_interval=0,
                         warmup_steps=min(sft_cfg.warmup_steps, method.rl_start_steps // 10))
     start = run_sft(base, chats, out / "sft_cot_early", start_cfg, SFTConfig(), progress=progress)
-    tok = start.tokenizer
     before = _eval_model(start.model.to(device).eval(), tok, tests, method)
     grpo = GRPOConfig(max_new_tokens=method.max_new_tokens, group_size=method.rl_group_size,
                       temperature=method.temperature)
