@@ -20,8 +20,8 @@ import torch
 
 from minillm import assignments
 from minillm.config import (
-    PRESETS, DistillConfig, DPOConfig, EvalConfig, GRPOConfig, PairsConfig, PPOConfig, ReasoningConfig, RewardConfig,
-    SFTConfig, TrainConfig, get_preset, override,
+    PRESETS, DistillConfig, DPOConfig, EvalConfig, FeedbackConfig, GRPOConfig, PairsConfig, PPOConfig, ReasoningConfig,
+    RewardConfig, SFTConfig, TrainConfig, get_preset, override,
 )
 from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count, memory_table
 from minillm.model import GPTConfig
@@ -33,6 +33,8 @@ from minillm.stages import compare
 from minillm.stages.compress import run_compress
 from minillm.stages.distill import PRETRAIN_KD, run_distill, student_base
 from minillm.stages.dpo import run_dpo
+from minillm.stages.feedback import LABELLERS, run_feedback
+from minillm.stages.judge import run_judge
 from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
 from minillm.stages.grpo import run_grpo
 from minillm.stages.pairs import run_pairs
@@ -49,7 +51,8 @@ DEFAULT_DATA = "data/world"
 DEFAULT_TOKENIZER = "data/tokenizer"
 # The stages whose knobs live in a method dataclass of the preset (`Preset.method(stage)`).
 METHOD_CONFIGS = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "pairs": PairsConfig, "ppo": PPOConfig,
-                  "grpo": GRPOConfig, "distill": DistillConfig, "reasoning": ReasoningConfig}
+                  "grpo": GRPOConfig, "distill": DistillConfig, "reasoning": ReasoningConfig,
+                  "feedback": FeedbackConfig}
 
 
 # ----------------------------------------------------------------------------- flags from dataclasses
@@ -291,6 +294,35 @@ def cmd_reasoning(args: argparse.Namespace) -> None:
     print(f"summary: {Path(args.out, 'summary.json')}")
 
 
+def cmd_judge(args: argparse.Namespace) -> None:
+    template = None
+    if args.template is not None:
+        template = Path(args.template).read_text(encoding="utf-8").strip()
+    run_judge(args.judge, args.pairs, args.out, against=args.against, questions=args.questions, template=template,
+              seed=args.seed, own=args.own)
+    print(Path(args.out, "report.md").read_text())
+
+
+def _named_files(items: list[str]) -> dict[str, str]:
+    """--labels NAME=FILE ... as {name: file}."""
+    out = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise ValueError(f"--labels: expected NAME=FILE, got {item!r}")
+        out[name] = path
+    return out
+
+
+def cmd_feedback(args: argparse.Namespace) -> None:
+    preset = get_preset(args.preset)
+    labellers = [x for x in args.labellers.split(",") if x]
+    run_feedback(args.sft, args.rm, args.data, args.out, preset.sft, preset.dpo, stage_method(args, "feedback"),
+                 preset.dpo_method, constitution=args.constitution, labellers=labellers,
+                 extra_labels=_named_files(args.labels), cai=not args.no_cai)
+    print(Path(args.out, "report.md").read_text())
+
+
 def add_rl_paths(p: argparse.ArgumentParser, out: str) -> None:
     """--init (the chat policy), --reward (the reward model), --data (the prompts) and --out of PPO and GRPO."""
     p.add_argument("--init", default="runs/sft", help="run directory of the chat policy (SFT); also the reference")
@@ -472,6 +504,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--out", default="runs/reasoning")
     p.set_defaults(func=cmd_reasoning)
+
+    p = sub.add_parser(
+        "judge", help="lesson 12: a model judges the preference pairs; agreement with gold and the judge's biases",
+        description="Pairwise (both orders averaged) and single-answer verdicts of the --judge chat model on --pairs, "
+                    "against the world's gold reward: agreement, Cohen's kappa, position bias, verbosity bias, "
+                    "agreement per rejected kind, and with --against, self-preference. Writes OUT/report.md and "
+                    "OUT/results.json.")
+    p.add_argument("--judge", default="runs/pipeline/sft", help="the chat run that judges")
+    p.add_argument("--pairs", default=f"{DEFAULT_DATA}/prefs_test.jsonl", help=PREFS_HELP)
+    p.add_argument("--against", default=None, help="another chat run: self-preference of the judge against it")
+    p.add_argument("--own", default=None, help="the run whose answers count as the judge's own (default: the judge; "
+                   "for a judge fine-tuned from a chat model, that chat model)")
+    p.add_argument("--questions", default=f"{DEFAULT_DATA}/sft_test.jsonl",
+                   help="chats whose questions both models answer for --against")
+    p.add_argument("--template", default=None, help="a text file with the pairwise template: {question}, {a}, {b}")
+    p.add_argument("--seed", type=int, default=0, help="the coin that puts chosen in slot A or B")
+    p.add_argument("--out", default="runs/judge")
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser(
+        "feedback", help="lesson 12: RLAIF and Constitutional AI: label pairs with models, DPO on each labeller",
+        description="Labels prefs_train with the gold reward, the reward model, the SFT model as judge, a judge "
+                    "trained on a few gold verdicts and a constitution; measures each labeller's agreement with gold "
+                    "and the gold reward of a DPO model trained on its labels; then Constitutional AI (critique -> "
+                    "revision -> SFT -> constitution-labelled pairs -> DPO). Writes OUT/report.md, OUT/results.json, "
+                    "OUT/labels/*.jsonl.")
+    add_preset_flag(p)
+    add_dataclass_flags(p, FeedbackConfig, "feedback")
+    p.add_argument("--sft", default="runs/pipeline/sft", help="the chat run: the policy, the judge, the critic")
+    p.add_argument("--rm", default="runs/pipeline/rm", help="the reward-model run (the 'rm' labeller)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="the world folder: prefs_train/test, sft_test, safety_test")
+    p.add_argument("--constitution", default="data/constitution.txt", help="principles, one 'name: sentence' a line")
+    p.add_argument("--labellers", default=",".join(LABELLERS), help=f"comma-separated subset of {','.join(LABELLERS)}")
+    p.add_argument("--labels", nargs="*", default=[], metavar="NAME=FILE",
+                   help="your own label files ({prompt, p_chosen} per line, in the order of prefs_train.jsonl)")
+    p.add_argument("--no-cai", action="store_true", help="leave the Constitutional AI runs out")
+    p.add_argument("--out", default="runs/feedback")
+    p.set_defaults(func=cmd_feedback)
 
     p = sub.add_parser(
         "pairs", help="sample N responses per prompt, score them, write best/worst as preference pairs",

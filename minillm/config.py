@@ -203,6 +203,32 @@ class DistillConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    """AI feedback knobs (`minillm.stages.feedback.run_feedback`, lesson 12)."""
+
+    judge_labels: int = knob(100, "gold-labelled pairs the trained judge learns from (the human labelling budget)")
+    cai_prompts: int = knob(300, "training prompts the constitution critiques and revises (plus the safety ones)")
+    max_new_tokens: int = knob(32, "answer and revision length")
+    cai_samples: int = knob(4, "fresh answers (T=1) the critique compares with the rewrite; 0: the rewrite only")
+    cai_steps: int = knob(100, "SFT steps on the revisions (SL-CAI)")
+    dpo_steps: int | None = knob(None, "DPO steps on each labeller's pairs (None: the preset's DPO)")
+    dpo_lr: float | None = knob(None, "DPO learning rate on each labeller's pairs (None: the preset's DPO)")
+    eval_samples: int = knob(4, "T=1 samples per held-out prompt for the sampled gold reward")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cai_samples, bool) or not isinstance(self.cai_samples, int) or self.cai_samples < 0:
+            raise ValueError(f"FeedbackConfig.cai_samples must be an integer >= 0, got {self.cai_samples!r}")
+        for name in ("judge_labels", "cai_prompts", "max_new_tokens", "cai_steps", "dpo_steps", "eval_samples"):
+            value = getattr(self, name)
+            if value is None and name == "dpo_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FeedbackConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.dpo_lr is not None and not self.dpo_lr > 0:
+            raise ValueError(f"FeedbackConfig.dpo_lr must be > 0, got {self.dpo_lr!r}")
+
+
+@dataclass
 class ReasoningConfig:
     """Lesson 11's experiments (`minillm.stages.reasoning.run_reasoning`)."""
 
@@ -394,6 +420,7 @@ class Preset:
         max_steps=40, batch_size=64, lr=2e-5, min_lr=2e-5, warmup_steps=0, weight_decay=0.0, eval_interval=0,
         eval_iters=1, log_interval=4))
     reasoning_method: ReasoningConfig = field(default_factory=ReasoningConfig)
+    feedback_method: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     def method(self, stage: str) -> Any:
         """The method dataclass of `stage` ("sft", "reward", "dpo", "pairs", "ppo", "grpo", "distill", "reasoning")."""
@@ -426,6 +453,8 @@ PRESETS: dict[str, Preset] = {
         reasoning_rl=TrainConfig(max_steps=2, batch_size=8, lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0,
                                  eval_interval=0, eval_iters=1, log_interval=1),
         # the tiny context (64 tokens) holds no three-digit scratchpad: the code path runs, the answers are cut
+        feedback_method=FeedbackConfig(judge_labels=20, cai_prompts=12, max_new_tokens=16, cai_samples=1, cai_steps=4,
+                                       eval_samples=1),
         reasoning_method=ReasoningConfig(eval_limit=6, max_new_tokens=20, shots=1, beam_width=2, n_max=4,
                                          pool_limit=3, rl_group_size=4, rl_start_steps=3),
     ),

@@ -34,14 +34,15 @@ from minillm.datasets import read_jsonl, tokenize_corpus
 from minillm.eval.perplexity import perplexity
 from minillm.eval.stats import bootstrap_ci, mean_std
 from minillm.eval.task import evaluate_instructions, fact_completion_accuracy
-from minillm.plots import plot_frontier, plot_series
+from minillm.plots import plot_alignment_tax, plot_frontier, plot_series
 from minillm.runs import load_plain_run, load_run
 from minillm.sampling import generate_completions
 from minillm.stages.compare import compare_qlora
 from minillm.stages.compress import run_compress
 from minillm.stages.reasoning import run_reasoning
 from minillm.stages.dpo import reward_and_kl, run_dpo
-from minillm.stages.evaluate import evaluate_run, report_rows, safety_report
+from minillm.stages.evaluate import (evaluate_run, render_alignment_tax, report_rows, run_alignment_tax,
+                                     safety_report)
 from minillm.stages.grpo import run_grpo
 from minillm.stages.pairs import reward_model_scorer, sample_responses
 from minillm.stages.ppo import run_ppo
@@ -474,6 +475,24 @@ def stage_eval(ctx: Ctx) -> None:
         "",
         md_table(["metric"] + list(per_stage), [[m] + [per_stage[s].get(m, "") for s in per_stage]
                                                 for m in metrics])]))
+    stage_alignment_tax(ctx)
+
+
+def stage_alignment_tax(ctx: Ctx) -> None:
+    """What each post-training stage cost in pretraining knowledge (perplexity, fact completion) against the base."""
+    runs = {k: v for k, v in ctx["runs"].items() if k != "rm" and (Path(v) / "ckpt.pt").is_file()}
+    if "base" not in runs:
+        return
+    rows = run_alignment_tax(runs, ctx["data"])
+    ctx["summary"]["alignment_tax"] = rows
+    for r in rows:
+        if r["model"] != "base":
+            card(ctx, r["model"], "alignment tax: pretraining perplexity / base's", r["perplexity_ratio"])
+            card(ctx, r["model"], "alignment tax: fact completion lost vs base", r["facts_lost"])
+    plot_alignment_tax(rows, ctx["out"] / "alignment_tax.png")
+    ctx["sections"].append("\n".join([
+        "## The alignment tax: what each stage cost in pretraining knowledge", "",
+        render_alignment_tax(rows), "", "![alignment tax](alignment_tax.png)"]))
 
 
 def pipeline_eval(ctx: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -110,3 +110,19 @@ def plot_pruning(rows: list[dict], png: str | Path) -> Path:
     fig.suptitle("pruning the base model")
     fig.tight_layout()
     return save_figure(fig, png)
+
+
+def plot_alignment_tax(rows: list[dict], png: str | Path, title: str = "the alignment tax") -> Path:
+    """Pretraining validation perplexity and fact completion of each model (rows of `alignment_tax`), as bars."""
+    fig = Figure(figsize=(10, 3.4))
+    axes = fig.subplots(1, 2)
+    names = [r["model"] for r in rows]
+    for ax, key, label in ((axes[0], "perplexity", "pretraining validation perplexity"),
+                           (axes[1], "fact_completion", "fact completion (held-out phrasing)")):
+        ax.bar(names, [r[key] for r in rows], color="tab:blue")
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, png)

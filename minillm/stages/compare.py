@@ -68,6 +68,7 @@ from minillm.peft.tokens import chat_token_ids
 from minillm.plots import Figure, save_figure
 from minillm.quant.error import quantization_error_table, render_error_table
 from minillm.runs import Run, load_run
+from minillm.stages.evaluate import alignment_tax, retained_knowledge
 from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer
 from minillm.train import configure_optimizer
@@ -405,6 +406,12 @@ def adapter_bytes_and_slowdowns(run: Run, spec: dict[str, Any] | None, base: nn.
     return {"adapter_bytes": stored, "slowdown_unmerged": slow["unmerged"], "slowdown_merged": slow["merged"]}
 
 
+def _with_forgetting(run: Run, spec: dict[str, Any] | None, measure: Measure, world: Path) -> dict[str, Any]:
+    """`measure`'s columns plus what the method kept of pretraining (`retained_knowledge`): LoRA learns less
+    and forgets less (Biderman et al. 2024)."""
+    return {**measure(run, spec), **retained_knowledge(run.model, run.tokenizer, world)}
+
+
 def compare_methods(
     init: str | os.PathLike,
     data: str | os.PathLike,
@@ -430,8 +437,16 @@ def compare_methods(
     timing_idx = timing_input(setup.base, methods, full_cfg.device)
     measure = partial(adapter_bytes_and_slowdowns, base=setup.base, timing_idx=timing_idx, repeats=timing_repeats,
                       seconds=timing_seconds, keep_checkpoint=keep_checkpoints)
+    world = Path(data).parent  # the alignment tax needs the world's pretraining validation text and fact probes
+    if (world / "corpus_val.txt").is_file() and (world / "probes.jsonl").is_file():
+        measure = partial(_with_forgetting, measure=measure, world=world)
     rows = run_methods("peft-compare", setup, methods, METHOD_SPECS, data, out, full_cfg, peft_lr,
                        measure=measure, progress=progress)
+    if "perplexity" in rows[0]:
+        base = retained_knowledge(setup.base, setup.tokenizer, world)
+        tax = {r["model"]: r for r in alignment_tax({"base": base, **{r["method"]: r for r in rows}})}
+        for r in rows:
+            r.update(perplexity_ratio=tax[r["method"]]["perplexity_ratio"], facts_lost=tax[r["method"]]["facts_lost"])
     full = next((r for r in rows if r["method"] == "full"), None)
     for r in rows:
         r["exact_match_vs_full"] = r["exact_match"] / full["exact_match"] if full and full["exact_match"] > 0 else None
@@ -449,14 +464,16 @@ def compare_methods(
 def render_table(rows: list[dict[str, Any]]) -> str:
     """The measured comparison as a markdown table (one row per method)."""
     lines = [("| method | trainable | % of total | adapter file (KB) | train time (s) | params+grads+AdamW (MB) | "
-              "val loss | exact match | vs full | refusals | slowdown unmerged | slowdown merged |"),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "val loss | exact match | vs full | refusals | slowdown unmerged | slowdown merged | "
+              "pretraining ppl x base | facts lost |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['trainable']:,} | {r['percent']:.3f} | {r['adapter_bytes'] / 1024:,.1f} | "
             f"{r['train_seconds']:.1f} | {_mb(r['train_bytes'])} | {_or_dash(r['val_loss'], 3)} | "
             f"{r['exact_match']:.3f} | {_or_dash(r.get('exact_match_vs_full'))} | {r['refusal_accuracy']:.3f} | "
-            f"{r['slowdown_unmerged']:.2f} | {_or_dash(r['slowdown_merged'])} |"
+            f"{r['slowdown_unmerged']:.2f} | {_or_dash(r['slowdown_merged'])} | "
+            f"{_or_dash(r.get('perplexity_ratio'))} | {_or_dash(r.get('facts_lost'), 3)} |"
         )
     return "\n".join(lines)
 

@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from minillm.config import EvalConfig
-from minillm.datasets import read_text, split_documents, tokenize_corpus
+from minillm.datasets import read_jsonl, read_text, split_documents, tokenize_corpus
 from minillm.eval.contamination import contamination_report
 from minillm.eval.loglik import model_max_length
 from minillm.eval.mcq import FORMATS, evaluate_mcq, load_mcq
 from minillm.eval.perplexity import document_perplexity, perplexity
 from minillm.eval.robustness import answer_order_robustness
 from minillm.eval.safety import safety_rates
+from minillm.eval.task import fact_completion_accuracy
 from minillm.runs import load_run
 from minillm.sampling import generate_completions
 from minillm.world import ANSWER_TEMPLATES, ATTRIBUTES, QUESTION_TEMPLATES
@@ -108,6 +109,15 @@ def as_scored(items: Sequence[dict], fmt: str) -> tuple[list[dict], str]:
 
 
 # ----------------------------------------------------------------------------- the parts of the report
+def sliding_perplexity(model, tokenizer, path: str | Path, max_length: int | None = None, stride: int | None = None,
+                       batch_size: int = 32) -> dict[str, Any]:
+    """`perplexity` of the whole file read as pretraining reads it (documents joined with <|endoftext|>), in
+    windows of L = max_length (default block_size) every `stride` tokens (default L // 2)."""
+    L = model_max_length(model, max_length)
+    stride = L // 2 if stride is None else stride
+    return perplexity(model, tokenize_corpus(path, tokenizer), max_length=L, stride=stride, batch_size=batch_size)
+
+
 def perplexity_report(model, tokenizer, path: str | Path, max_length: int | None = None, stride: int | None = None,
                       batch_size: int = 32) -> dict[str, Any]:
     """Sliding-window token perplexity of the whole file, and lm-eval's per-document rolling metrics.
@@ -120,7 +130,7 @@ def perplexity_report(model, tokenizer, path: str | Path, max_length: int | None
 
     L = model_max_length(model, max_length)
     stride = L // 2 if stride is None else stride
-    sliding = perplexity(model, tokenize_corpus(path, tokenizer), max_length=L, stride=stride, batch_size=batch_size)
+    sliding = sliding_perplexity(model, tokenizer, path, L, stride, batch_size)
     rolling = document_perplexity(model, tokenizer, split_documents(read_text(path)), max_length=L,
                                   batch_size=batch_size)
     return {"path": str(path), "max_length": L, "stride": stride, "sliding": sliding, "rolling": rolling}
@@ -289,3 +299,49 @@ def safety_report(run_dir: str | Path, rows: Sequence[dict], max_new_tokens: int
            for r in rows]
     outs = generate_completions(model.eval(), ids, max_new_tokens, eos_id=tok.end_id, temperature=0.0)
     return safety_rates(rows, [tok.decode(o).strip() for o in outs])
+
+
+# ----------------------------------------------------------------------------- the alignment tax
+def retained_knowledge(model, tokenizer, data: str | Path, batch_size: int = 32) -> dict[str, Any]:
+    """What a model still knows of its pretraining: the sliding-window perplexity of the pretraining validation
+    text (`data`/corpus_val.txt, the report card's perplexity row) and greedy fact completion on the held-out
+    phrasings (`data`/probes.jsonl, the base model's fact-completion row)."""
+    data = Path(data)
+    _require_file(data / "corpus_val.txt", "alignment tax")
+    _require_file(data / "probes.jsonl", "alignment tax")
+    probes = [record for _, record in read_jsonl(data / "probes.jsonl")]
+    facts = fact_completion_accuracy(model.eval(), tokenizer, probes)
+    return {"perplexity": sliding_perplexity(model, tokenizer, data / "corpus_val.txt", batch_size=batch_size)["ppl"],
+            "fact_completion": facts["accuracy"], "n_probes": facts["n"]}
+
+
+def alignment_tax(knowledge: dict[str, dict[str, Any]], base: str = "base") -> list[dict[str, Any]]:
+    """One row per model of `knowledge` ({name: retained_knowledge(...)}) against the model `base`:
+
+        perplexity ratio  = PPL_stage / PPL_base             (> 1: the stage made pretraining text less likely)
+        facts lost        = facts_base - facts_stage          (share of the probes the stage forgot)
+    """
+    if base not in knowledge:
+        raise ValueError(f"alignment_tax: no row for the base model {base!r} among {list(knowledge)}")
+    b = knowledge[base]
+    return [{"model": name, "perplexity": k["perplexity"], "perplexity_ratio": k["perplexity"] / b["perplexity"],
+             "fact_completion": k["fact_completion"], "facts_lost": b["fact_completion"] - k["fact_completion"]}
+            for name, k in knowledge.items()]
+
+
+def run_alignment_tax(runs: dict[str, str | Path], data: str | Path, base: str = "base") -> list[dict[str, Any]]:
+    """`alignment_tax` of the runs {name: run_dir} (one of them the base model `base`) on the world in `data`."""
+    knowledge = {}
+    for name, run_dir in runs.items():
+        model, tok, _ = load_run(run_dir)
+        knowledge[name] = retained_knowledge(model, tok, data)
+    return alignment_tax(knowledge, base)
+
+
+def render_alignment_tax(rows: Sequence[dict[str, Any]]) -> str:
+    """The alignment-tax table in markdown."""
+    lines = ["| model | pretraining val perplexity | x base | fact completion | facts lost |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['model']} | {r['perplexity']:.3f} | {r['perplexity_ratio']:.2f} | {r['fact_completion']:.3f} | "
+              f"{r['facts_lost']:+.3f} |" for r in rows]
+    return "\n".join(lines)
