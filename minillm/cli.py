@@ -618,10 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean ± std over seeds")
     p.add_argument("--skip", action="append", metavar="STAGE",
                    help="skip a stage (repeatable): pretrain, base_eval, sft, sft_experiments, ...")
-    p.add_argument("--with", dest="with_stages", action="append", metavar="STAGE", choices=["compress", "reasoning"],
+    p.add_argument("--with", dest="with_stages", action="append", metavar="STAGE", choices=["compress", "reasoning", "feedback"],
                    help="add an optional stage (repeatable): compress (lesson 10: pruning, quantization, "
-                        "distillation), reasoning (lesson 11: chain of thought, test-time compute, RLVR); "
-                        "minutes more each on a CPU")
+                        "distillation), reasoning (lesson 11: chain of thought, test-time compute, RLVR), feedback "
+                        "(lesson 12: judges, RLAIF, Constitutional AI); minutes more each on a CPU")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

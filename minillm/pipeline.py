@@ -39,14 +39,21 @@ from minillm.runs import load_plain_run, load_run
 from minillm.sampling import generate_completions
 from minillm.stages.compare import compare_qlora
 from minillm.stages.compress import run_compress
-from minillm.stages.reasoning import run_reasoning
 from minillm.stages.dpo import reward_and_kl, run_dpo
-from minillm.stages.evaluate import (evaluate_run, render_alignment_tax, report_rows, run_alignment_tax,
-                                     safety_report)
+from minillm.stages.evaluate import (
+    evaluate_run,
+    render_alignment_tax,
+    report_rows,
+    run_alignment_tax,
+    safety_report,
+)
+from minillm.stages.feedback import run_feedback
 from minillm.stages.grpo import run_grpo
+from minillm.stages.judge import run_judge
 from minillm.stages.pairs import reward_model_scorer, sample_responses
 from minillm.stages.ppo import run_ppo
 from minillm.stages.pretrain import pretrain
+from minillm.stages.reasoning import run_reasoning
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer
@@ -457,17 +464,26 @@ def best_of_n(policy, tokenizer, prompts: list[str], scorer, ns: tuple[int, ...]
     return rows
 
 
+BEST_OF_SAFETY = 4  # the RM-guided column of the safety table: the best of 4 SFT samples by the reward model
+
+
 def stage_eval(ctx: Ctx) -> None:
     """Validation perplexity and world MCQ accuracy of every stage's model, and the safety rates of each chat model."""
     per_stage = pipeline_eval({**{k: v for k, v in ctx["runs"].items() if k != "rm"}, "data": ctx["data"]})
     probes = Path(ctx["data"]) / "safety_test.jsonl"  # absent from a world folder written before lesson 12's probes
     if probes.is_file():
         rows = read_jsonl_rows(probes)
-        for stage in ("sft", "dpo", "ppo", "grpo"):
-            if stage in per_stage:
-                rates = safety_report(ctx["runs"][stage], rows)
-                per_stage[stage].update({f"safety: {k.replace('_', ' ')}": v for k, v in rates.items()
-                                         if "/" not in k})
+        shots = [r for r in read_jsonl_rows(ctx["data"] / "sft_train.jsonl") if r.get("kind") == "fact"][:3]
+        asked = {stage: {} for stage in ("sft", "dpo", "ppo", "grpo") if stage in per_stage}
+        if "base" in per_stage:
+            asked = {"base": {"shots": shots}, **asked}  # the base model reads the SFT comparison's 3-shot prompt
+        for stage, how in asked.items():
+            rates = safety_report(ctx["runs"][stage], rows, **how)
+            per_stage[stage].update({f"safety: {k.replace('_', ' ')}": v for k, v in rates.items() if "/" not in k})
+        if "sft" in per_stage and "rm" in ctx["runs"]:
+            rates = safety_report(ctx["runs"]["sft"], rows, reward=ctx["runs"]["rm"], n=BEST_OF_SAFETY)
+            per_stage[f"SFT + RM best-of-{BEST_OF_SAFETY}"] = {f"safety: {k.replace('_', ' ')}": v
+                                                              for k, v in rates.items() if "/" not in k}
     metrics = sorted({m for rows in per_stage.values() for m in rows})
     ctx["summary"]["eval"] = per_stage
     ctx["sections"].append("\n".join([
@@ -578,6 +594,35 @@ def stage_reasoning(ctx: Ctx) -> None:
                            "![test-time compute](reasoning/scaling.png)")
 
 
+def stage_feedback(ctx: Ctx) -> None:
+    """Lesson 12: the SFT model and a trained judge as judges, and AI feedback (RLAIF, Constitutional AI)."""
+    need_runs(ctx, "feedback", "sft", "rm")
+    data, out = ctx["data"], ctx["out"] / "feedback"
+    preset = get_preset(ctx["preset"])
+    s = run_feedback(ctx["runs"]["sft"], ctx["runs"]["rm"], data, out, train_config(ctx, "sft"),
+                     train_config(ctx, "dpo"), preset.feedback_method, preset.dpo_method, progress=False)
+    # self-preference needs answers that differ: the SFT run on the fewest chats (the pipeline's DPO model gives
+    # the SFT model's greedy answer to almost every held-out question)
+    small = ctx["out"] / "sft_experiments" / f"n{SFT_DATA_SIZES[0]}"
+    against = small if (small / "ckpt.pt").is_file() else ctx["runs"].get("dpo")
+    judges = {"SFT model": run_judge(ctx["runs"]["sft"], data / "prefs_test.jsonl", out / "judge_sft",
+                                     against=against, questions=data / "sft_test.jsonl")}
+    if (out / "trained_judge" / "ckpt.pt").is_file():
+        judges["trained judge"] = run_judge(out / "trained_judge", data / "prefs_test.jsonl", out / "judge_trained",
+                                            against=against, questions=data / "sft_test.jsonl",
+                                            own=ctx["runs"]["sft"])
+    ctx["summary"]["feedback"] = {"models": s["models"], "judges": {k: {m: v for m, v in j.items() if m != "rows"}
+                                                                    for k, j in judges.items()}}
+    for name, j in judges.items():
+        card(ctx, "feedback", f"{name} as judge: agreement with gold (held-out pairs)", j["pairwise_agreement"])
+        card(ctx, "feedback", f"{name} as judge: position bias", j["position_bias"])
+    for name, r in s["models"].items():
+        card(ctx, "feedback", f"{name}: gold reward (greedy)", r["gold_reward"])
+    ctx["sections"].append("## AI feedback and judges\n\nThe whole report: [feedback/report.md](feedback/report.md); "
+                           "the judges: [SFT model](feedback/judge_sft/report.md), "
+                           "[trained judge](feedback/judge_trained/report.md)")
+
+
 STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
     ("pretrain", stage_pretrain),
     ("base_eval", stage_base_eval),
@@ -594,6 +639,7 @@ STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
 OPTIONAL_STAGES: list[tuple[str, Callable[[Ctx], None]]] = [
     ("compress", stage_compress),
     ("reasoning", stage_reasoning),
+    ("feedback", stage_feedback),
 ]
 
 

@@ -82,3 +82,57 @@ def test_safety_report_of_a_chat_run(tmp_path):
     rates = safety_report(tmp_path, safety_prompts(WORLD, "test"), max_new_tokens=4)
     # a random model never writes a refusal: it refuses nothing, so every jailbreak "succeeds"
     assert rates["refusal_rate"] == 0.0 and rates["false_refusal_rate"] == 0.0 and rates["jailbreak_success"] == 1.0
+
+
+def test_rm_guided_safety_picks_the_best_of_n_by_the_reward_model(tmp_path, monkeypatch):
+    """Best-of-n: the answer the reward model scores highest is the one rated (NaN scores are never picked)."""
+    from minillm.stages import evaluate
+
+    test_safety_report_of_a_chat_run(tmp_path)  # writes a random chat run into tmp_path
+    rows = safety_prompts(WORLD, "test")
+    refusal = "I'm sorry, but I can't help with that."
+
+    def fake_samples(model, tok, messages, n, max_new_tokens, seed):
+        assert n == 3
+        return [["Sure, here it is.", refusal, "Of course."] for _ in messages]
+
+    def fake_scorer(run_dir):
+        def score(prompts, ys):
+            return [float("nan") if y.startswith("Of") else (1.0 if y == refusal else 0.0) for y in ys]
+        return score
+
+    monkeypatch.setattr(evaluate, "sample_responses", fake_samples)
+    monkeypatch.setattr(evaluate, "reward_model_scorer", fake_scorer)
+    rates = evaluate.safety_report(tmp_path, rows, reward="rm", n=3)
+    assert rates["refusal_rate"] == 1.0 and rates["false_refusal_rate"] == 1.0 and rates["jailbreak_success"] == 0.0
+
+
+def test_base_model_safety_reads_the_few_shot_prompt(tmp_path):
+    from minillm.eval.task import answer_questions
+    from minillm.runs import load_run
+    from minillm.stages.evaluate import safety_report
+
+    test_safety_report_of_a_chat_run(tmp_path)
+    rows = safety_prompts(WORLD, "test")[:6]
+    shots = [{"messages": [{"role": "user", "content": "How old is Mira?"},
+                           {"role": "assistant", "content": "Mira is 34 years old."}]}]
+    model, tok, _ = load_run(tmp_path)
+    answers = answer_questions(model.eval(), tok, [r["prompt"] for r in rows], "fewshot", shots, 4)
+    assert safety_report(tmp_path, rows, max_new_tokens=4, shots=shots) == safety_rates(rows, answers)
+
+
+def test_rm_guided_safety_skips_empty_samples(tmp_path, monkeypatch):
+    from minillm.stages import evaluate
+
+    test_safety_report_of_a_chat_run(tmp_path)
+    rows = safety_prompts(WORLD, "test")[:3]
+    monkeypatch.setattr(evaluate, "sample_responses", lambda *a, **k: [["", "Here is how."] for _ in rows])
+
+    def fake_scorer(run_dir):
+        def score(prompts, ys):
+            assert all(ys), "an empty answer was sent to the reward model"
+            return [0.0 for _ in ys]
+        return score
+
+    monkeypatch.setattr(evaluate, "reward_model_scorer", fake_scorer)
+    assert evaluate.safety_report(tmp_path, rows, reward="rm", n=2)["refusal_rate"] == 0.0

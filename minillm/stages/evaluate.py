@@ -24,6 +24,7 @@ letter. Lesson 9 shows the measurements.)
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -38,9 +39,9 @@ from minillm.eval.mcq import FORMATS, evaluate_mcq, load_mcq
 from minillm.eval.perplexity import document_perplexity, perplexity
 from minillm.eval.robustness import answer_order_robustness
 from minillm.eval.safety import safety_rates
-from minillm.eval.task import fact_completion_accuracy
+from minillm.eval.task import answer_questions, fact_completion_accuracy
 from minillm.runs import load_run
-from minillm.sampling import generate_completions
+from minillm.stages.pairs import reward_model_scorer, sample_responses
 from minillm.world import ANSWER_TEMPLATES, ATTRIBUTES, QUESTION_TEMPLATES
 
 DEFAULT_PPL = "data/world/corpus_val.txt"
@@ -291,14 +292,34 @@ def render_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def safety_report(run_dir: str | Path, rows: Sequence[dict], max_new_tokens: int = 32) -> dict[str, float | None]:
-    """Refusal rate, false refusals on look-alikes and jailbreak success of a chat run's greedy answers to the
-    world's safety probes (`minillm.world.safety_prompts`, `minillm.eval.safety.safety_rates`)."""
+def safety_report(run_dir: str | Path, rows: Sequence[dict], max_new_tokens: int = 32,
+                  shots: Sequence[dict] | None = None, reward: str | Path | None = None, n: int = 4,
+                  seed: int = 0) -> dict[str, float | None]:
+    """Refusal rate, false refusals on look-alikes and jailbreak success (`minillm.eval.safety.safety_rates`) of a
+    run's answers to the world's safety probes (`minillm.world.safety_prompts`):
+
+        chat model          greedy answers in the chat template
+        base model (shots)  greedy answers to a plain-text few-shot prompt with the solved examples `shots`
+        RM-guided (reward)  the best of n answers sampled at T=1, by the reward-model run `reward` (best-of-n)
+    """
     model, tok, _ = load_run(run_dir)
-    ids = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)[0]
-           for r in rows]
-    outs = generate_completions(model.eval(), ids, max_new_tokens, eos_id=tok.end_id, temperature=0.0)
-    return safety_rates(rows, [tok.decode(o).strip() for o in outs])
+    model.eval()
+    questions = [r["prompt"] for r in rows]
+    if shots is not None:
+        answers = answer_questions(model, tok, questions, "fewshot", list(shots), max_new_tokens)
+    elif reward is not None:
+        messages = [[{"role": "user", "content": q}] for q in questions]
+        samples = sample_responses(model, tok, messages, n, max_new_tokens=max_new_tokens, seed=seed)
+        score = reward_model_scorer(reward)
+        answers = []
+        for m, ys in zip(messages, samples):
+            scored = [i for i, y in enumerate(ys) if y]  # an empty answer is no candidate (and has no chat turn)
+            r = dict(zip(scored, score([m] * len(scored), [ys[i] for i in scored]))) if scored else {}
+            best = max(scored, key=lambda i: -math.inf if math.isnan(r[i]) else r[i], default=0)
+            answers.append(ys[best])
+    else:
+        answers = answer_questions(model, tok, questions, "chat", max_new_tokens=max_new_tokens)
+    return safety_rates(rows, answers)
 
 
 # ----------------------------------------------------------------------------- the alignment tax

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -184,9 +185,32 @@ def _chat(user: str, assistant: str) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
-def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
+def label_with(labellers: Sequence[str], pairs: list[dict[str, Any]], test: list[dict[str, Any]], gold: list[float],
+               gold_test: list[float], n_budget: int, rm, sft_model, judge_model, tok,
+               principles: list[Principle]) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
+    """P(chosen > rejected) of every labeller on the training pairs and on the held-out pairs, and the constitution
+    labeller's held-out agreement one principle at a time."""
+    labels: dict[str, list[float]] = {}
+    label_test: dict[str, list[float]] = {}
+    per_principle: dict[str, float] = {}
+    for name in labellers:
+        if name == "gold":
+            labels[name], label_test[name] = gold, gold_test
+        elif name == "rm":
+            labels[name], label_test[name] = rm_labels(rm, pairs), rm_labels(rm, test)
+        elif name == "judge":
+            labels[name], label_test[name] = judge_labels(sft_model, tok, pairs), judge_labels(sft_model, tok, test)
+        elif name == "trained-judge":
+            ai = judge_labels(judge_model, tok, pairs[n_budget:])
+            labels[name] = gold[:n_budget] + ai  # the budget's own pairs keep the labels the judge learned from
+            label_test[name] = judge_labels(judge_model, tok, test)
+        else:
+            labels[name] = constitution_labels(judge_model, tok, pairs, principles)["preference"]
+            by_principle = constitution_labels(judge_model, tok, test, principles)
+            label_test[name] = by_principle["preference"]
+            per_principle = {k: label_agreement(v, gold_test)["agreement"]
+                             for k, v in by_principle["per_principle"].items()}
+    return labels, label_test, per_principle
 
 
 # ----------------------------------------------------------------------------- evaluation of a trained model
@@ -238,29 +262,12 @@ def run_feedback(sft: str | os.PathLike, rm: str | os.PathLike | None, data: str
     judge_model = None
     if {"trained-judge", "constitution"} & set(labellers) or cai:
         chats = judge_training_chats(pairs[:n_budget], principles)
-        judge_run = run_sft(sft, _write_jsonl(chats, out / "judge_train.jsonl"), out / "trained_judge", sft_cfg,
+        judge_run = run_sft(sft, write_pairs(chats, out / "judge_train.jsonl"), out / "trained_judge", sft_cfg,
                             SFTConfig(), progress=progress)
         judge_model = judge_run.model
 
-    labels: dict[str, list[float]] = {}
-    label_test: dict[str, list[float]] = {}
-    for name in labellers:
-        if name == "gold":
-            labels[name], label_test[name] = gold, gold_test
-        elif name == "rm":
-            labels[name], label_test[name] = rm_labels(rm, pairs), rm_labels(rm, test)
-        elif name == "judge":
-            labels[name], label_test[name] = judge_labels(sft_model, tok, pairs), judge_labels(sft_model, tok, test)
-        elif name == "trained-judge":
-            ai = judge_labels(judge_model, tok, pairs[n_budget:])
-            labels[name] = gold[:n_budget] + ai  # the budget's own pairs keep the labels the judge learned from
-            label_test[name] = judge_labels(judge_model, tok, test)
-        else:
-            labels[name] = constitution_labels(judge_model, tok, pairs, principles)["preference"]
-            by_principle = constitution_labels(judge_model, tok, test, principles)
-            label_test[name] = by_principle["preference"]
-            per_principle = {k: label_agreement(v, gold_test)["agreement"]
-                             for k, v in by_principle["per_principle"].items()}
+    labels, label_test, per_principle = label_with(labellers, pairs, test, gold, gold_test, n_budget, rm, sft_model,
+                                                   judge_model, tok, principles)
     labels.update(extra)
 
     rows: dict[str, dict[str, Any]] = {}
@@ -306,9 +313,9 @@ def constitutional_ai(sft: str | os.PathLike, sft_model, judge_model, tok, data:
         prompts += [r["prompt"] for _, r in read_jsonl(data / "safety_train.jsonl")]
     rows = critique_revise(sft_model, judge_model, tok, prompts, principles, method.max_new_tokens,
                            samples=method.cai_samples)
-    _write_jsonl(rows, out / "cai" / "revisions.jsonl")
+    write_pairs(rows, out / "cai" / "revisions.jsonl")
     chats = [_chat(r["question"], r["final"]) for r in rows if r["final"]]
-    run_sft(sft, _write_jsonl(chats, out / "cai" / "sl_cai_train.jsonl"), out / "sl_cai",
+    run_sft(sft, write_pairs(chats, out / "cai" / "sl_cai_train.jsonl"), out / "sl_cai",
             replace(sft_cfg, max_steps=method.cai_steps, warmup_steps=min(sft_cfg.warmup_steps, method.cai_steps // 5),
                     eval_interval=0), SFTConfig(), progress=progress)
     sl_model, _, _ = load_plain_run(out / "sl_cai")
