@@ -124,5 +124,5 @@ def test_run_reasoning_fills_every_experiment(tmp_path):
 
 
 def test_pipeline_knows_the_optional_stage(tmp_path):
-    with pytest.raises(ValueError, match=r"optional stages are \['compress', 'reasoning'\]"):
+    with pytest.raises(ValueError, match=r"optional stages are \['compress', 'reasoning', 'feedback'\]"):
         run_pipeline(tmp_path, preset="tiny", with_stages=["reason"])
