@@ -159,6 +159,14 @@ class PairsConfig:
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
+def _check_ints(obj: Any, names: tuple[str, ...], low: int = 1) -> None:
+    """Each named field of `obj` must be an int >= low (None passes: an optional knob left at its default)."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {low}, got {v!r}")
+
+
 def _check_range(owner: str, name: str, value: Any, low: float, high: float | None = None,
                  open_low: bool = False) -> None:
     """value is a finite number in [low, high] ((low, high] with open_low); high None: no upper bound."""
@@ -216,14 +224,8 @@ class FeedbackConfig:
     eval_samples: int = knob(4, "T=1 samples per held-out prompt for the sampled gold reward")
 
     def __post_init__(self) -> None:
-        if isinstance(self.cai_samples, bool) or not isinstance(self.cai_samples, int) or self.cai_samples < 0:
-            raise ValueError(f"FeedbackConfig.cai_samples must be an integer >= 0, got {self.cai_samples!r}")
-        for name in ("judge_labels", "cai_prompts", "max_new_tokens", "cai_steps", "dpo_steps", "eval_samples"):
-            value = getattr(self, name)
-            if value is None and name == "dpo_steps":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FeedbackConfig.{name} must be an integer >= 1, got {value!r}")
+        _check_ints(self, ("judge_labels", "cai_prompts", "max_new_tokens", "cai_steps", "dpo_steps", "eval_samples"))
+        _check_ints(self, ("cai_samples",), low=0)
         if self.dpo_lr is not None and not self.dpo_lr > 0:
             raise ValueError(f"FeedbackConfig.dpo_lr must be > 0, got {self.dpo_lr!r}")
 
@@ -245,13 +247,9 @@ class ReasoningConfig:
                                     "gets almost every training sum right: all-right groups carry no gradient)")
 
     def __post_init__(self) -> None:
-        for name in ("eval_limit", "max_new_tokens", "beam_width", "n_max", "pool_limit", "rl_group_size",
-                     "rl_start_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ReasoningConfig.{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
-            raise ValueError(f"ReasoningConfig.shots must be an int >= 0, got {self.shots!r}")
+        _check_ints(self, ("eval_limit", "max_new_tokens", "beam_width", "n_max", "pool_limit", "rl_group_size",
+                           "rl_start_steps"))
+        _check_ints(self, ("shots",), low=0)
         _check_range("ReasoningConfig", "temperature", self.temperature, 0.0, open_low=True)
         _check_range("ReasoningConfig", "length_penalty", self.length_penalty, -10.0, 10.0)
 
