@@ -167,6 +167,8 @@ def cmd_world(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
+    if not Path(args.corpus).is_file():  # Tokenizer.train also takes text: a mistyped path would be trained on
+        raise FileNotFoundError(f"--corpus {args.corpus}: file not found")
     t0 = time.perf_counter()
     tok = Tokenizer.train(args.corpus, args.vocab_size)
     seconds = time.perf_counter() - t0
@@ -754,9 +756,18 @@ def cmd_qlora_compare(args: argparse.Namespace) -> None:
     print(f"[qlora-compare] wrote {Path(args.out) / 'table.md'}")
 
 
+def check_not_overwriting_init(args: argparse.Namespace) -> None:
+    """A training command whose --out is its --init would write the new model over the one it starts from."""
+    init, out = getattr(args, "init", None), getattr(args, "out", None)
+    if init and out and Path(init).resolve() == Path(out).resolve():
+        raise ValueError(f"--out {out} is the --init run: training would overwrite the model it starts from; "
+                         "choose another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_not_overwriting_init(args)
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)

@@ -52,19 +52,32 @@ def random_windows(ids: torch.Tensor, batch_size: int, block_size: int, generato
     return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
 
 
+def _no_constant(name: str) -> float:
+    """json.loads reads NaN, Infinity and -Infinity by default; a data file with one would train to NaN."""
+    raise ValueError(f"a non-finite number ({name}) is not allowed")
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line; a malformed line raises `path:line: reason`."""
+    """(line number, record) for each non-blank line; a malformed line (invalid JSON or UTF-8, not an object, a
+    NaN or Infinity) raises `path:line: reason`. A UTF-8 byte-order mark at the start is skipped."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from e
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from e
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield lineno, record

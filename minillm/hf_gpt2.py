@@ -23,8 +23,25 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # the dot keeps c_attn.bias
 
 
+# Hugging Face activation_function -> GPTConfig.activation ("gelu_new" and "gelu_pytorch_tanh" are the same tanh
+# approximation; "gelu" is the exact erf form).
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# Fields that change the attention in ways our model does not implement: (field, the value GPT-2 has).
+HF_UNSUPPORTED = (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                  ("scale_attn_weights", True))
+
+
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
-    """Map a Hugging Face GPT2Config dict (n_positions, n_ctx, ...) to a GPTConfig."""
+    """Map a Hugging Face GPT2Config dict (n_positions, n_ctx, layer_norm_epsilon, n_inner, activation_function)
+    to a GPTConfig; fields that would change the computation in ways we do not implement are refused."""
+    for field, gpt2 in HF_UNSUPPORTED:
+        if field in hf and bool(hf[field]) != gpt2:
+            raise ValueError(f"Hugging Face GPT-2 config: {field}={hf[field]!r} is not supported (the model computes "
+                             f"attention as GPT-2 does, {field}={gpt2})")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"Hugging Face GPT-2 config: activation_function={act!r} is not supported; "
+                         f"supported: {sorted(HF_ACTIVATIONS)}")
     try:
         return GPTConfig(
             vocab_size=int(hf["vocab_size"]),
@@ -34,6 +51,9 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
             n_embd=int(hf["n_embd"]),
             dropout=0.0,
             bias=True,
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            n_inner=None if hf.get("n_inner") is None else int(hf["n_inner"]),
+            activation=HF_ACTIVATIONS[act],
         )
     except KeyError as e:
         raise ValueError(f"Hugging Face GPT-2 config is missing field {e.args[0]!r}") from e

@@ -40,7 +40,11 @@ CKPT_NAME = "ckpt.pt"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps.
+
+    Warmup step s (0-based) uses lr * (s + 1) / (W + 1): the first step already moves (lr / (W + 1), not 0, which
+    would waste a step), and lr is reached at step W, where the cosine starts (nanoGPT's convention).
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)

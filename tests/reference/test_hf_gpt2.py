@@ -55,3 +55,40 @@ def test_kv_cache_matches_hf_incremental(hf_model):
         step, _ = ours(x[:, 8:9], past_key_values=past, use_cache=True)
         want = hf_model(x[:, :9]).logits[:, -1]
     assert torch.allclose(step[:, -1], want, atol=1e-5)
+
+
+def _variant(**kwargs):
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=48, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, **kwargs)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # LayerNorm gains away from 1 so that epsilon matters
+        for name, p in model.named_parameters():
+            if "ln_" in name and name.endswith("weight"):
+                p.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"layer_norm_epsilon": 1e-3},
+    {"n_inner": 72},
+    {"activation_function": "gelu"},
+    {"activation_function": "gelu_pytorch_tanh"},
+    {"layer_norm_epsilon": 0.05, "n_inner": 100, "activation_function": "gelu"},
+])
+def test_architecture_fields_are_read(kwargs):
+    hf = _variant(**kwargs)
+    ours = from_hf_gpt2(hf.state_dict(), hf.config.to_dict()).eval()
+    _check_logits(ours, hf)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn"),
+    ({"scale_attn_weights": False}, "scale_attn_weights"),
+    ({"activation_function": "relu"}, "activation_function"),
+])
+def test_fields_we_do_not_implement_are_refused(kwargs, field):
+    hf = _variant(**kwargs)
+    with pytest.raises(ValueError, match=field):
+        from_hf_gpt2(hf.state_dict(), hf.config.to_dict())
