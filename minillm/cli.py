@@ -769,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_not_overwriting_init(args)
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

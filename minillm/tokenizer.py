@@ -20,11 +20,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import tiktoken
 
-from minillm.bpe import GPT2_PAT_STR, train_bpe
+from minillm.bpe import GPT2_PAT_STR, gpt2_pretokenizer, train_bpe
 
 EOT = "<|endoftext|>"
 USER = "<|user|>"
@@ -176,6 +176,28 @@ class Tokenizer:
             raise TypeError("texts must be a sequence of str")
         allowed = self._allowed(allowed_special)
         return self._encoding.encode_batch(list(texts), allowed_special=allowed, disallowed_special=())
+
+    def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
+        """Token ids of "".join(texts), yielded as soon as they are final, so a file of any length can be
+        encoded line by line in memory bounded by its longest line: `list(tok.encode_iterable(open(path)))`
+        equals `tok.encode(open(path).read())`.
+
+        BPE never merges across pre-tokens, and a pre-token is final once two more follow it (the last one may
+        still grow, and a trailing whitespace run may give its last space to the next word), so everything
+        before the second-to-last pre-token of the buffer is encoded and yielded.
+        """
+        pattern = gpt2_pretokenizer()
+        buf = ""
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"encode_iterable: expected str items, got {type(text).__name__}")
+            buf += text
+            starts = [m.start() for m in pattern.finditer(buf)]
+            if len(starts) > 2:
+                yield from self.encode(buf[:starts[-2]])
+                buf = buf[starts[-2]:]
+        if buf:
+            yield from self.encode(buf)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Concatenated bytes of the tokens (a token may end in the middle of a UTF-8 character)."""

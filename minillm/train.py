@@ -29,6 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from minillm.config import TrainConfig
+from minillm.model import GPTConfig
 from minillm.plots import plot_loss_curve
 from minillm.utils import atomic_torch_save, autocast_dtype, pick_device, rng_state, safe_torch_load, set_rng_state
 
@@ -133,6 +134,15 @@ def estimate_loss(model: nn.Module, get_batch: GetBatch | OnPolicyGetBatch, loss
     return total / max(units, 1.0)
 
 
+def _with_defaults(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A saved network config with the fields added since it was written at their defaults (GPT-2's), so an older
+    checkpoint still resumes."""
+    try:
+        return asdict(GPTConfig.from_dict(model_cfg))
+    except (TypeError, ValueError):
+        return model_cfg
+
+
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
     """Raise if a checkpoint's config differs from the one asked for, naming the fields."""
     diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
@@ -177,6 +187,7 @@ def train(
     if resume:
         step = load_training_state(out_dir / CKPT_NAME, model, optimizer, batch_gen, run_config)
         _truncate_metrics(metrics_path, step)
+        _remove_stray_temporaries(out_dir)
     elif metrics_path.exists():
         metrics_path.unlink()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -192,12 +203,17 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_total, units_total = 0.0, 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = to_device(draw(get_batch, "train", batch_gen, model, step, on_policy), device)
             with ctx:
                 loss_sum, n = loss_fn(model, batch)
+            value = float(loss_sum.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"{desc}: the loss is {value} at step {step + 1}, micro-batch {micro + 1} of {cfg.grad_accum}; "
+                    f"stopped before writing a checkpoint (the last good one, if any, is in {out_dir})")
             (scaler.scale(loss_sum) if scaler else loss_sum).backward()
-            loss_total += float(loss_sum.detach())
+            loss_total += value
             units_total += float(n)
             tokens_log += batch_tokens(batch)
         if scaler:
@@ -265,7 +281,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
             raise ValueError(f"{path}: not a minillm training checkpoint (missing {key!r})")
     saved_model_cfg = state["run_config"].get("model", {})
     if run_config.get("model") is not None:
-        check_same_config(saved_model_cfg, run_config["model"], str(path))
+        check_same_config(_with_defaults(saved_model_cfg), _with_defaults(run_config["model"]), str(path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
@@ -274,11 +290,30 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (a crash between log and save)."""
+    """Drop metric lines written after the checkpoint we resume from (a crash between log and save), and a torn
+    last line (a crash in the middle of writing it), with a notice; a broken line before the last is an error."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                print(f"[resume] {path}:{i}: skipped a torn last line (the run stopped while writing it)")
+                break
+            raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from e
+        if record.get("step", 0) <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _remove_stray_temporaries(out_dir: Path) -> None:
+    """A kill during `atomic_torch_save` leaves `.ckpt.pt.<random>.tmp` beside the checkpoint: remove ours."""
+    for tmp in out_dir.glob(f".{CKPT_NAME}.*.tmp"):
+        print(f"[resume] removed {tmp} (left by an interrupted checkpoint write)")
+        tmp.unlink()
 
 
 def run_config_dict(**parts: Any) -> dict[str, Any]:

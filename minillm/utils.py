@@ -77,14 +77,24 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """'auto' picks cuda > mps > cpu; anything else is passed to torch.device."""
+    """'auto' picks cuda > mps > cpu; anything else is passed to torch.device, and refused (naming the flag) when
+    torch does not know it or this machine does not have it."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r}: not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not has_mps:
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu (or auto)")
+    return dev
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -59,3 +59,101 @@ def test_run_files_keep_the_umask(tmp_path):
 def test_warmup_as_documented():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=10)
     assert [lr_at(s, cfg) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def _tiny_run_pieces():
+    import torch
+
+    from minillm.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=1, n_embd=8))
+
+    def get_batch(split, gen):
+        x = torch.randint(0, 32, (2, 8), generator=gen)
+        return {"input_ids": x, "targets": x}
+
+    return model, get_batch
+
+
+def test_a_non_finite_loss_stops_the_run_before_a_checkpoint(tmp_path):
+    import torch
+
+    from minillm.align.sft import sft_loss
+    from minillm.train import train
+
+    model, get_batch = _tiny_run_pieces()
+    calls = {"n": 0}
+
+    def loss_fn(m, batch):
+        calls["n"] += 1
+        loss_sum, n = sft_loss(m, batch)
+        return (loss_sum * float("nan"), n) if calls["n"] == 5 else (loss_sum, n)
+
+    cfg = TrainConfig(max_steps=4, batch_size=2, grad_accum=2, eval_interval=0, log_interval=1, ckpt_interval=1,
+                      warmup_steps=0, device="cpu")
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 3, micro-batch 1 of 2"):
+        train(model, cfg, get_batch, loss_fn, tmp_path, has_val=False, progress=False)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == 2  # the checkpoint of the last good step, not a NaN one
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_resume_skips_a_torn_last_metrics_line_and_removes_stray_temporaries(tmp_path, capsys):
+    from minillm.align.sft import sft_loss
+    from minillm.train import train
+
+    model, get_batch = _tiny_run_pieces()
+    cfg = TrainConfig(max_steps=2, batch_size=2, eval_interval=0, log_interval=1, warmup_steps=0, device="cpu")
+    train(model, cfg, get_batch, sft_loss, tmp_path, has_val=False, progress=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # a kill in the middle of a write
+    stray = tmp_path / ".ckpt.pt.abc123.tmp"
+    stray.write_bytes(b"x" * 100)
+    from dataclasses import replace
+    train(model, replace(cfg, max_steps=3), get_batch, sft_loss, tmp_path, resume=True, has_val=False,
+          progress=False)
+    out = capsys.readouterr().out
+    assert "metrics.jsonl:3: skipped a torn last line" in out and "removed" in out and not stray.exists()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.parametrize("device,match", [("tpu", "not a device torch knows"), ("cuda", "CUDA is not available")])
+def test_devices_this_machine_lacks_are_refused(device, match):
+    import torch
+
+    from minillm.utils import pick_device
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=match):
+        pick_device(device)
+
+
+@pytest.mark.parametrize("text", [
+    "Mira lives in Oakvale.\n\nShe keeps a cat.  \n  Tobin   is 34 years old.\n",
+    "a  \n b\n\n\n c<|end|>d  ",
+    "numbers 1234567 and ½ Ⅻ, unicode café — done\n",
+])
+def test_encode_iterable_equals_encoding_the_whole_text(text):
+    from pathlib import Path
+
+    from minillm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(Path(__file__).resolve().parent.parent / "data" / "tokenizer")
+    lines = text.splitlines(keepends=True)
+    assert list(tok.encode_iterable(lines)) == tok.encode(text)
+    assert list(tok.encode_iterable(list(text))) == tok.encode(text)  # one character at a time
+
+
+def test_encode_iterable_streams_the_world_corpus():
+    from pathlib import Path
+
+    from minillm.tokenizer import Tokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    tok = Tokenizer.load(root / "data" / "tokenizer")
+    path = root / "data" / "world" / "corpus_val.txt"
+    with open(path, encoding="utf-8") as f:
+        assert list(tok.encode_iterable(f)) == tok.encode(path.read_text(encoding="utf-8"))
