@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minillm.align.chat import collate, encode_chats, load_chats
-from minillm.align.sft import masked_cross_entropy
+from minillm.align.sft import masked_cross_entropy_sum
 from minillm.cli import main
 from minillm.config import DistillConfig, TrainConfig
 from minillm.model import GPT, GPTConfig
@@ -89,7 +89,7 @@ def test_loss_mixes_kd_and_ce():
     teacher, student = GPT(TEACHER).eval(), GPT(STUDENT)
     batch = a_batch()
     logits = student(batch["input_ids"], attention_mask=batch["attention_mask"])
-    ce, n = masked_cross_entropy(logits, batch["targets"])
+    ce, n = masked_cross_entropy_sum(logits, batch["targets"])
     sft_sum, n_sft = distill_loss(teacher, DistillConfig(mode="sft"))(student, batch)
     assert torch.allclose(sft_sum, ce) and int(n_sft) == int(n)
     from minillm.align.distill import kd_loss

@@ -1,4 +1,5 @@
-"""SFT loss: masked cross-entropy by hand vs PyTorch, its (sum, count) contract, the target shift."""
+"""SFT loss: masked cross-entropy by hand vs PyTorch (every reduction), the (sum, count) the loop asks for, the target
+shift."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.align.sft import (
-    IGNORE_INDEX, masked_cross_entropy, masked_cross_entropy_mean, shift_for_next_token,
+    IGNORE_INDEX, masked_cross_entropy, masked_cross_entropy_mean, masked_cross_entropy_sum, shift_for_next_token,
 )
 
 
@@ -25,7 +26,7 @@ def test_hand_computed_value():
     # logits (0, ln 2, 0): softmax = (1/4, 2/4, 1/4); target 1 -> -log(1/2); second row is ignored
     logits = torch.tensor([[0.0, math.log(2.0), 0.0], [5.0, -1.0, 2.0]])
     targets = torch.tensor([1, IGNORE_INDEX])
-    loss_sum, n = masked_cross_entropy(logits, targets)
+    loss_sum, n = masked_cross_entropy_sum(logits, targets)
     assert int(n) == 1
     assert loss_sum.item() == pytest.approx(math.log(2.0), abs=1e-6)
 
@@ -53,7 +54,7 @@ def test_sum_and_count_match_f_cross_entropy_sum(B, T, V, p_ignore, seed):
     logits = 4 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
     targets = torch.randint(0, V, (B, T), generator=g)
     targets[torch.rand(B, T, generator=g) < p_ignore] = IGNORE_INDEX
-    loss_sum, n = masked_cross_entropy(logits, targets)
+    loss_sum, n = masked_cross_entropy_sum(logits, targets)
     ref_sum = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-100, reduction="sum")
     assert int(n) == int((targets != IGNORE_INDEX).sum())
     torch.testing.assert_close(loss_sum, ref_sum, atol=1e-10, rtol=1e-10)
@@ -62,7 +63,7 @@ def test_sum_and_count_match_f_cross_entropy_sum(B, T, V, p_ignore, seed):
 def test_all_ignored_gives_zero_loss_and_zero_grad():
     logits = torch.randn(2, 5, 7, requires_grad=True)
     targets = torch.full((2, 5), IGNORE_INDEX)
-    loss_sum, n = masked_cross_entropy(logits, targets)
+    loss_sum, n = masked_cross_entropy_sum(logits, targets)
     mean = masked_cross_entropy_mean(logits, targets)
     assert int(n) == 0 and loss_sum.item() == 0.0 and mean.item() == 0.0
     mean.backward()
@@ -72,7 +73,7 @@ def test_all_ignored_gives_zero_loss_and_zero_grad():
 def test_ignored_positions_get_no_gradient():
     logits, targets = random_case(3)
     logits.requires_grad_(True)
-    masked_cross_entropy(logits, targets)[0].backward()
+    masked_cross_entropy(logits, targets, reduction="sum").backward()
     ignored = targets == IGNORE_INDEX
     assert ignored.any() and (~ignored).any()
     assert torch.all(logits.grad[ignored] == 0)
@@ -83,7 +84,7 @@ def test_ignored_rows_cannot_poison_the_value():
     # an ignored position whose logits are all -inf (e.g. a fully masked vocabulary) has NaN NLL;
     # it must be dropped, not multiplied by 0 (0 * NaN = NaN)
     logits = torch.tensor([[0.0, math.log(2.0), 0.0], [-math.inf, -math.inf, -math.inf]])
-    loss_sum, n = masked_cross_entropy(logits, torch.tensor([1, IGNORE_INDEX]))
+    loss_sum, n = masked_cross_entropy_sum(logits, torch.tensor([1, IGNORE_INDEX]))
     assert int(n) == 1 and loss_sum.item() == pytest.approx(math.log(2.0))
 
 
@@ -91,7 +92,7 @@ def test_large_logits_are_stable():
     # exact: -log softmax = logsumexp - z_y; with 1e4 gaps exp() of the others underflows to 0
     logits = torch.tensor([[1e4, 0.0, -1e4], [1e4, 0.0, -1e4]], requires_grad=True)
     targets = torch.tensor([0, 1])
-    loss_sum, n = masked_cross_entropy(logits, targets)
+    loss_sum, n = masked_cross_entropy_sum(logits, targets)
     assert torch.isfinite(loss_sum)
     assert loss_sum.item() == pytest.approx(0.0 + 1e4, rel=1e-7)
     loss_sum.backward()
@@ -103,7 +104,7 @@ def test_large_logits_are_stable():
 def test_gradcheck_float64():
     logits, targets = random_case(4, B=2, T=3, V=5, dtype=torch.float64)
     logits.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda z: masked_cross_entropy(z, targets)[0], (logits,))
+    assert torch.autograd.gradcheck(lambda z: masked_cross_entropy(z, targets, reduction="sum"), (logits,))
     assert torch.autograd.gradcheck(lambda z: masked_cross_entropy_mean(z, targets), (logits,))
 
 
@@ -112,7 +113,7 @@ def test_sum_over_micro_batches_equals_full_batch_mean():
     logits, targets = random_case(5, B=4, T=6)
     targets[0, :5] = IGNORE_INDEX  # rows with very different token counts
     full = masked_cross_entropy_mean(logits, targets)
-    parts = [masked_cross_entropy(logits[i:i + 1], targets[i:i + 1]) for i in range(4)]
+    parts = [masked_cross_entropy_sum(logits[i:i + 1], targets[i:i + 1]) for i in range(4)]
     total = sum(s for s, _ in parts) / sum(int(n) for _, n in parts)
     torch.testing.assert_close(total, full)
     mean_of_means = sum(masked_cross_entropy_mean(logits[i:i + 1], targets[i:i + 1]) for i in range(4)) / 4
@@ -131,10 +132,12 @@ def test_bf16_logits_are_upcast():
 def test_custom_ignore_index():
     logits, targets = random_case(7)
     t2 = targets.masked_fill(targets == IGNORE_INDEX, -1)
-    a = masked_cross_entropy(logits, targets)
-    b = masked_cross_entropy(logits, t2, ignore_index=-1)
+    a = masked_cross_entropy_sum(logits, targets)
+    b = masked_cross_entropy_sum(logits, t2, ignore_index=-1)
     torch.testing.assert_close(a[0], b[0])
     assert int(a[1]) == int(b[1])
+    torch.testing.assert_close(masked_cross_entropy(logits, t2, ignore_index=-1),
+                               F.cross_entropy(logits.view(-1, 11), t2.view(-1), ignore_index=-1))
 
 
 def test_shift_for_next_token_by_hand():
@@ -154,7 +157,7 @@ def test_shift_then_loss_scores_only_response_tokens():
     inputs, targets = shift_for_next_token(ids, loss_mask)
     logits = torch.randn(1, 5, 9)
     by_hand = -sum(torch.log_softmax(logits[0, t], -1)[ids[0, t + 1]] for t in (2, 3, 4))
-    loss_sum, n = masked_cross_entropy(logits, targets)
+    loss_sum, n = masked_cross_entropy_sum(logits, targets)
     assert int(n) == 3
     torch.testing.assert_close(loss_sum, by_hand)
 
@@ -177,3 +180,28 @@ def test_bad_inputs():
         shift_for_next_token(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1))
     with pytest.raises(TypeError, match="ids"):
         shift_for_next_token(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_reduction_is_f_cross_entropy(reduction):
+    """A drop-in: the same value and gradient as F.cross_entropy for each reduction (the mean is the default,
+    so `masked_cross_entropy(logits, targets).backward()` works as it does with PyTorch's)."""
+    logits, targets = random_case(8, dtype=torch.float64)
+    targets[1] = 3  # keep a scored token in every row (F.cross_entropy's mean is NaN on an all-ignored batch)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    V = logits.shape[-1]
+    kwargs = {} if reduction == "mean" else {"reduction": reduction}
+    ours = masked_cross_entropy(a, targets, **kwargs)
+    ref = F.cross_entropy(b.view(-1, V), targets.view(-1), ignore_index=-100, reduction=reduction)
+    torch.testing.assert_close(ours, ref.view(targets.shape) if reduction == "none" else ref, atol=1e-12, rtol=1e-12)
+    assert ours.shape == (targets.shape if reduction == "none" else ())
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_an_unknown_reduction_is_refused():
+    logits, targets = random_case(9)
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'avg'"):
+        masked_cross_entropy(logits, targets, reduction="avg")

@@ -11,9 +11,10 @@ where z_{t-1} are the logits the model outputs at position t-1. Prompt and paddi
 but are never predicted: their targets are set to `ignore_index` (-100, the PyTorch / Hugging Face
 convention) and contribute nothing to the loss or its gradient.
 
-The loss is returned as a *sum* with the number of predicted tokens, because the training loop
-(`minillm.train`) divides the gradient by the token count of the whole effective batch: then one batch
-of 8 and four micro-batches of 2 give the same update.
+`masked_cross_entropy` reads like `F.cross_entropy` (a mean by default; `reduction="sum"` or `"none"`). The training
+loop asks for the *sum* and the number of predicted tokens (`masked_cross_entropy_sum`, used by `sft_loss`),
+because it divides the gradient by the token count of the whole effective batch: then one batch of 8 and four
+micro-batches of 2 give the same update.
 """
 from __future__ import annotations
 
@@ -40,19 +41,21 @@ def shift_for_next_token(ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[to
 
 
 def masked_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token negative log-likelihood over the targets that are not `ignore_index`.
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy over the targets that are not `ignore_index`, a drop-in for
+    `F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)`:
 
-        loss_sum = sum_{i : y_i != ignore} ( logsumexp_v z_i[v] - z_i[y_i] ),   n_tokens = |{i : y_i != ignore}|
+        nll_i = logsumexp_v z_i[v] - z_i[y_i]   if y_i != ignore, else 0
+        "mean": sum_i nll_i / |{i : y_i != ignore}|      "sum": sum_i nll_i      "none": nll, shaped like targets
 
-    logits: (..., V) floating; targets: (...) integer, `targets[b, t]` is the token position t must
-    predict (use `shift_for_next_token`). Returns (loss_sum, n_tokens) as 0-dim tensors on the logits'
-    device; loss_sum / n_tokens equals F.cross_entropy(logits, targets, ignore_index=ignore_index).
-    When every target is ignored the loss is 0 with a zero gradient (F.cross_entropy gives NaN).
-    fp16/bf16 logits are upcast to fp32 first, as F.cross_entropy does under autocast.
+    logits: (..., V) floating; targets: (...) integer, `targets[b, t]` is the token position t must predict (use
+    `shift_for_next_token`). When every target is ignored the mean is 0 with a zero gradient (F.cross_entropy
+    gives NaN). fp16/bf16 logits are upcast to fp32 first, as F.cross_entropy does under autocast.
     """
     _check_logits_and_targets(logits, targets, ignore_index)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"masked_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     # BEGIN ASSIGNMENT masked-cross-entropy
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
@@ -64,23 +67,39 @@ def masked_cross_entropy(
     y_safe = y.masked_fill(~keep, 0)
     log_z = torch.logsumexp(z, dim=-1)  # (N,) stable for large logits: max is subtracted inside
     z_y = z.gather(-1, y_safe[:, None]).squeeze(-1)  # (N,)
-    nll = torch.where(keep, log_z - z_y, torch.zeros_like(log_z))  # `where`: ignored rows get gradient 0
-    return nll.sum(), keep.sum()
+    nll = torch.where(keep, log_z - z_y, torch.zeros_like(log_z))  # (N,) `where`: ignored rows get gradient 0
     # END ASSIGNMENT
+    if reduction == "none":
+        return nll.reshape(targets.shape)
+    if reduction == "sum":
+        return nll.sum()
+    return nll.sum() / count_targets(targets, ignore_index).clamp(min=1)
+
+
+def count_targets(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """n_tokens = |{i : y_i != ignore_index}|, the number of positions the loss scores (0-dim tensor)."""
+    return (targets != ignore_index).sum()
+
+
+def masked_cross_entropy_sum(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum, n_tokens): what the training loop asks for, so that it can divide the gradient by the token
+    count of the whole effective batch (one batch of 8 and four micro-batches of 2 then give the same update)."""
+    return masked_cross_entropy(logits, targets, ignore_index, "sum"), count_targets(targets, ignore_index)
 
 
 def masked_cross_entropy_mean(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
-    """Mean next-token NLL over non-ignored targets: loss_sum / max(n_tokens, 1) (0 if all are ignored)."""
-    loss_sum, n_tokens = masked_cross_entropy(logits, targets, ignore_index)
-    return loss_sum / n_tokens.clamp(min=1)
+    """Mean next-token NLL over non-ignored targets (0 if all are ignored): `masked_cross_entropy`'s default."""
+    return masked_cross_entropy(logits, targets, ignore_index, "mean")
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed masked cross-entropy over the response tokens, and their count (see `minillm.train`)."""
     logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return masked_cross_entropy(logits, batch["targets"])
+    return masked_cross_entropy_sum(logits, batch["targets"])
 
 
 # Input checks: a wrong shape or dtype gets an error that names the argument.

@@ -31,7 +31,7 @@ from minillm.align.chat import (
     sample_batches,
 )
 from minillm.align.distill import kd_loss
-from minillm.align.sft import masked_cross_entropy
+from minillm.align.sft import masked_cross_entropy_sum
 from minillm.config import DISTILL_MODES, DistillConfig, TrainConfig, get_preset
 from minillm.eval.task import evaluate_instructions, fact_completion_accuracy
 from minillm.runs import Run, load_plain_run, save_run_files
@@ -136,7 +136,7 @@ def distill_loss(teacher: nn.Module, method: DistillConfig):
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        ce_sum, n = masked_cross_entropy(logits, batch["targets"])
+        ce_sum, n = masked_cross_entropy_sum(logits, batch["targets"])
         a = 1.0 if bool(batch.get("sampled", torch.tensor(False))) else alpha
         if a == 0.0:
             return ce_sum, n
@@ -260,7 +260,7 @@ def response_loss(model: nn.Module, tok: Tokenizer, chats: list[list[dict[str, s
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], tok.pad_id)
         logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        loss_sum, n = masked_cross_entropy(logits, batch["targets"].to(device))
+        loss_sum, n = masked_cross_entropy_sum(logits, batch["targets"].to(device))
         total, count = total + float(loss_sum), count + int(n)
     return total / max(count, 1)
 
