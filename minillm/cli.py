@@ -27,7 +27,8 @@ from minillm.memory import MODEL_PRESETS, format_memory_table, gpt2_param_count,
 from minillm.model import GPTConfig
 from minillm.peft.apply import PEFT_METHODS
 from minillm.pipeline import run_pipeline
-from minillm.runs import load_run
+from minillm.hf_gpt2 import save_hf_gpt2
+from minillm.runs import load_plain_run, load_run
 from minillm.sampling import generate_completions
 from minillm.stages import compare
 from minillm.stages.compress import run_compress
@@ -296,6 +297,16 @@ def cmd_reasoning(args: argparse.Namespace) -> None:
     print(f"summary: {Path(args.out, 'summary.json')}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"--out {out} is not empty; choose an empty folder or pass --force")
+    model, tok, _ = load_plain_run(args.run)  # a LoRA/VeRA/KronA run is merged into plain weights first
+    save_hf_gpt2(model.eval(), out, tok)
+    print(f"[export] {args.run} -> {out}: config.json, model.safetensors, vocab.json, merges.txt, tokenizer_config.json "
+          "(load with transformers.GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained)")
+
+
 def cmd_judge(args: argparse.Namespace) -> None:
     template = None
     if args.template is not None:
@@ -506,6 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--out", default="runs/reasoning")
     p.set_defaults(func=cmd_reasoning)
+
+    p = sub.add_parser(
+        "export", help="write a run as a Hugging Face GPT-2 folder (weights, config, tokenizer)",
+        description="Writes OUT/config.json, OUT/model.safetensors and GPT-2 tokenizer files (vocab.json, merges.txt, "
+                    "tokenizer_config.json, special_tokens_map.json) that transformers' GPT2LMHeadModel and "
+                    "AutoTokenizer load with this run's logits and token ids. A LoRA/VeRA/KronA run is merged first.")
+    p.add_argument("--run", required=True, help="the run directory to export")
+    p.add_argument("--out", required=True, help="an empty (or new) folder")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "judge", help="lesson 12: a model judges the preference pairs; agreement with gold and the judge's biases",

@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from minillm.model import GPT, GPTConfig
-from minillm.utils import safe_torch_load
+from minillm.tokenizer import bytes_to_unicode
+from minillm.utils import atomic_write_bytes, atomic_write_text, safe_torch_load
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # the dot keeps c_attn.bias
@@ -131,3 +133,73 @@ def from_hf_gpt2(
             )
     model.load_state_dict(converted, strict=False)  # lm_head is tied to wte
     return model
+
+
+# ----------------------------------------------------------------------------- export (the other way)
+HF_ACTIVATION_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+
+
+def config_to_hf(cfg: GPTConfig, eos_id: int | None = None) -> dict[str, Any]:
+    """The Hugging Face GPT2Config dict of a GPTConfig (`config_from_hf` the other way)."""
+    if not cfg.bias:
+        raise ValueError("export: Hugging Face GPT-2 always has biases; a model with bias=False cannot be exported")
+    hf: dict[str, Any] = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head, "n_inner": cfg.n_inner, "activation_function": HF_ACTIVATION_NAMES[cfg.activation],
+        "layer_norm_epsilon": cfg.layer_norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout, "scale_attn_weights": True, "tie_word_embeddings": True,
+    }
+    if eos_id is not None:
+        hf.update(bos_token_id=eos_id, eos_token_id=eos_id)
+    return hf
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our state dict in Hugging Face's names: `transformer.` prefix, Conv1D weights transposed to (in, out);
+    lm_head is left out (Hugging Face ties it to wte, as we do)."""
+    out = {}
+    for name, value in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if name.endswith(CONV1D_SUFFIXES):
+            value = value.t()  # Linear (out, in) -> Conv1D (in, out)
+        out["transformer." + name] = value.detach().cpu().contiguous().clone()
+    return out
+
+
+def hf_tokenizer_files(tok) -> dict[str, str]:
+    """vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json for `GPT2Tokenizer`: byte-level
+    BPE in GPT-2's byte-to-unicode alphabet, merges in rank order, our special tokens as added tokens."""
+    to_char = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(to_char[x] for x in b)
+
+    special = tok.special_tokens
+    name_of = {i: s for s, i in special.items()}
+    vocab = {name_of.get(tid) or text(b): tid for tid, b in tok.vocab.items()}
+    merges = "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in tok.merges)
+    eot = name_of[tok.eot_id]
+    added = {str(i): {"content": s, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for s, i in special.items()}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": None, "add_prefix_space": False,
+              "bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": name_of[tok.pad_id],
+              "added_tokens_decoder": added}
+    specials_map = {"bos_token": eot, "eos_token": eot, "unk_token": eot,
+                    "additional_special_tokens": [s for s in special if s != eot]}
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": merges,
+            "tokenizer_config.json": json.dumps(config, indent=2), "special_tokens_map.json": json.dumps(specials_map)}
+
+
+def save_hf_gpt2(model: GPT, out: str | os.PathLike, tok=None) -> Path:
+    """Write `out`/config.json and model.safetensors (and the tokenizer files with `tok`) that
+    `transformers.GPT2LMHeadModel.from_pretrained(out)` loads with our logits. Every file is written atomically."""
+    out = Path(out)
+    cfg = config_to_hf(model.config, None if tok is None else tok.eot_id)
+    atomic_write_bytes(out / "model.safetensors", safetensors_bytes(to_hf_state_dict(model), {"format": "pt"}))
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")
+    if tok is not None:
+        for name, text in hf_tokenizer_files(tok).items():
+            atomic_write_text(out / name, text)
+    return out

@@ -92,3 +92,40 @@ def test_fields_we_do_not_implement_are_refused(kwargs, field):
     hf = _variant(**kwargs)
     with pytest.raises(ValueError, match=field):
         from_hf_gpt2(hf.state_dict(), hf.config.to_dict())
+
+
+# ----- export: our run -> a Hugging Face folder --------------------------------------------------------------
+@pytest.mark.parametrize("extra", [{}, {"layer_norm_eps": 1e-3, "n_inner": 40, "activation": "gelu"}])
+def test_exported_folder_loads_in_transformers_with_our_logits_and_token_ids(tmp_path, extra):
+    from pathlib import Path
+
+    from minillm.hf_gpt2 import save_hf_gpt2
+    from minillm.tokenizer import Tokenizer
+
+    root = Path(__file__).resolve().parents[2]
+    tok = Tokenizer.load(root / "data" / "tokenizer")
+    torch.manual_seed(2)
+    ours = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32, **extra)).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "ln_" in name and name.endswith("weight"):
+                p.mul_(3.0)
+    save_hf_gpt2(ours, tmp_path, tok)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, tok.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, ours(x), atol=1e-5)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = (root / "data" / "world" / "corpus_val.txt").read_text()[:4000] + " café ½ <|end|>"
+    assert hf_tok.encode(text) == tok.encode(text, allowed_special="all")
+    chat = tok.apply_chat_template([{"role": "user", "content": "How old is Mira?"}], add_generation_prompt=True)[0]
+    assert hf_tok.encode(tok.decode(chat)) == chat
+    assert hf_tok.eos_token_id == tok.eot_id == hf.config.eos_token_id
+
+
+def test_export_command_refuses_a_non_empty_folder(tmp_path, capsys):
+    from minillm.cli import main
+
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["export", "--run", "runs/none", "--out", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err and (tmp_path / "keep.txt").read_text() == "mine"
