@@ -29,7 +29,7 @@ from minillm.peft.apply import PEFT_METHODS
 from minillm.pipeline import run_pipeline
 from minillm.hf_gpt2 import save_hf_gpt2
 from minillm.runs import load_plain_run, load_run
-from minillm.sampling import generate_completions
+from minillm.sampling import generate_completions, stream_tokens
 from minillm.stages import compare
 from minillm.stages.compress import run_compress
 from minillm.stages.distill import PRETRAIN_KD, run_distill, student_base
@@ -45,7 +45,7 @@ from minillm.stages.reasoning import PARTS as REASONING_PARTS, run_reasoning
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer
-from minillm.utils import write_json
+from minillm.utils import pick_device, write_json
 from minillm.world import write_world
 
 DEFAULT_DATA = "data/world"
@@ -297,6 +297,86 @@ def cmd_reasoning(args: argparse.Namespace) -> None:
     print(f"summary: {Path(args.out, 'summary.json')}")
 
 
+CHAT_HELP = "/reset clears the conversation, /temp T sets the temperature, /top_p P (or none), /quit leaves"
+
+
+def chat_prompt(tok, messages: list[dict[str, str]], room: int) -> tuple[list[int], int]:
+    """The chat template of `messages` ending in an assistant header, with the oldest turns dropped until it fits
+    in `room` tokens; returns (ids, number of messages dropped). The newest user turn is always kept (cropped from
+    the left if it alone is too long)."""
+    dropped = 0
+    while True:
+        ids = tok.apply_chat_template(messages[dropped:], add_generation_prompt=True)[0]
+        if len(ids) <= room or len(messages) - dropped <= 1:
+            return ids[-room:], dropped
+        dropped += 2 if len(messages) - dropped > 2 else 1  # a user turn and the answer to it
+
+
+def run_chat(model, tok, max_new_tokens: int = 64, temperature: float = 0.7, top_p: float | None = 0.9,
+             read=input, write=print, seed: int = 0) -> list[dict[str, str]]:
+    """A read-eval-print loop over the chat template: tokens are printed as they decode; returns the history."""
+    messages: list[dict[str, str]] = []
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    room = model.config.block_size - max_new_tokens
+    write(f"[chat] {CHAT_HELP}")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            return messages
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return messages
+        if line == "/reset":
+            messages = []
+            write("[chat] the conversation is cleared")
+            continue
+        if line.startswith(("/temp", "/top_p")):
+            name, _, value = line.partition(" ")
+            try:
+                if name == "/temp":
+                    temperature = float(value)
+                    if not temperature >= 0:
+                        raise ValueError
+                else:
+                    top_p = None if value.strip() == "none" else float(value)
+                    if top_p is not None and not 0 < top_p <= 1:
+                        raise ValueError
+            except ValueError:
+                write(f"[chat] {name} needs a number ({'>= 0' if name == '/temp' else 'in (0, 1], or none'})")
+                continue
+            write(f"[chat] temperature {temperature}, top_p {top_p}")
+            continue
+        if line.startswith("/"):
+            write(f"[chat] unknown command {line.split()[0]}; {CHAT_HELP}")
+            continue
+        messages.append({"role": "user", "content": line})
+        ids, dropped = chat_prompt(tok, messages, room)
+        if dropped:
+            messages = messages[dropped:]
+            write(f"[chat] the oldest {dropped} message(s) no longer fit the context of {model.config.block_size} "
+                  "tokens and were dropped")
+        answer: list[int] = []
+        shown = ""
+        write("model> ", end="")
+        for token in stream_tokens(model, ids, max_new_tokens, temperature, None, top_p, tok.end_id, gen):
+            answer.append(token)
+            text = tok.decode(answer)
+            if not text.endswith("\ufffd"):  # wait for the rest of a character cut between tokens
+                write(text[len(shown):], end="", flush=True)
+                shown = text
+        text = tok.decode(answer).strip()
+        write(tok.decode(answer)[len(shown):])
+        messages.append({"role": "assistant", "content": text})
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model, tok, _ = load_plain_run(args.run, device=pick_device(args.device))
+    run_chat(model.eval(), tok, args.max_new_tokens, args.temperature, None if args.top_p <= 0 else args.top_p,
+             seed=args.seed)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -517,6 +597,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--out", default="runs/reasoning")
     p.set_defaults(func=cmd_reasoning)
+
+    p = sub.add_parser(
+        "chat", help="talk to a chat run in the terminal (tokens stream as they decode)",
+        description=f"A conversation in the chat template with the --run model; {CHAT_HELP}. When the history no "
+                    "longer fits the context, the oldest turns are dropped (with a notice).")
+    p.add_argument("--run", default="runs/pipeline/sft", help="the chat run")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling; 0 turns it off")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
         "export", help="write a run as a Hugging Face GPT-2 folder (weights, config, tokenizer)",

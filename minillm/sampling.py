@@ -15,6 +15,8 @@ Beam search keeps the W most likely partial continuations instead of one, and ra
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import math
 
 import torch
@@ -193,6 +195,41 @@ def generate(
     finally:
         model.train(was_training)
     return idx
+
+
+@torch.no_grad()
+def stream_tokens(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """The tokens `generate` appends to one prompt, yielded one at a time as they are decoded (a chat window shows
+    them at once). Stops at eos_id, which is not yielded. The prompt must leave room: len(prompt) + max_new_tokens
+    <= block_size (a chat trims its history to fit)."""
+    if not prompt:
+        raise ValueError("stream_tokens: the prompt is empty")
+    if len(prompt) + max_new_tokens > model.config.block_size:
+        raise ValueError(f"stream_tokens: {len(prompt)} prompt tokens + {max_new_tokens} new ones exceed the context "
+                         f"of {model.config.block_size}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        logits, past = model(torch.tensor([prompt], device=device), use_cache=True)
+        for _ in range(max_new_tokens):
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            token = int(next_id)
+            if token == eos_id:
+                return
+            yield token
+            logits, past = model(next_id[:, None], past_key_values=past, use_cache=True)
+    finally:
+        model.train(was_training)
 
 
 def generate_completions(

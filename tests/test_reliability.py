@@ -157,3 +157,65 @@ def test_encode_iterable_streams_the_world_corpus():
     path = root / "data" / "world" / "corpus_val.txt"
     with open(path, encoding="utf-8") as f:
         assert list(tok.encode_iterable(f)) == tok.encode(path.read_text(encoding="utf-8"))
+
+
+# ----- streaming decode and the chat REPL -------------------------------------------------------------------
+def _chat_model():
+    from pathlib import Path
+
+    import torch
+
+    from minillm.model import GPT, GPTConfig
+    from minillm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(Path(__file__).resolve().parent.parent / "data" / "tokenizer")
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16)).eval(), tok
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_stream_tokens_equals_generate(temperature):
+    import torch
+
+    from minillm.sampling import generate, stream_tokens
+
+    model, tok = _chat_model()
+    prompt = tok.encode("Mira lives in")
+    streamed = list(stream_tokens(model, prompt, 12, temperature, eos_id=None,
+                                  generator=torch.Generator().manual_seed(3)))
+    full = generate(model, torch.tensor([prompt]), 12, temperature, generator=torch.Generator().manual_seed(3))
+    assert streamed == full[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="exceed the context of 48"):
+        list(stream_tokens(model, prompt, 48))
+
+
+def test_chat_repl_commands_history_and_truncation():
+    from minillm.cli import chat_prompt, run_chat
+
+    model, tok = _chat_model()
+    lines = iter(["/temp 0", "/top_p none", "/temp hot", "/nope", "How old is Mira?",
+                  "Where does Mira live, what is her favourite colour and which fruit does she like best of all?", "/reset", "Hi"])
+    out = []
+
+    def write(*parts, end="\n", flush=False):
+        out.append("".join(str(p) for p in parts) + end)
+
+    def read(_prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None  # what input() raises at the end of stdin
+
+    history = run_chat(model, tok, max_new_tokens=8, temperature=1.0, read=read, write=write)
+    text = "".join(out)
+    assert "temperature 0.0, top_p 0.9" in text and "temperature 0.0, top_p None" in text
+    assert "/temp needs a number" in text and "unknown command /nope" in text
+    assert "the conversation is cleared" in text
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "Hi"
+    # the context is 48 tokens with 8 for the answer: a long history loses its oldest turns, with a notice
+    long = [{"role": "user", "content": "one two three four five six"},
+            {"role": "assistant", "content": "seven eight nine ten"},
+            {"role": "user", "content": "How old is Mira?"}]
+    ids, dropped = chat_prompt(tok, long, 20)
+    assert dropped == 2 and ids == tok.apply_chat_template(long[2:], add_generation_prompt=True)[0]
+    assert "no longer fit the context" in text
