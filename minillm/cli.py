@@ -35,6 +35,7 @@ from minillm.stages.compress import run_compress
 from minillm.stages.distill import PRETRAIN_KD, run_distill, student_base
 from minillm.stages.dpo import run_dpo
 from minillm.stages.feedback import LABELLERS, run_feedback
+from minillm.stages.harness import run_lm_eval_cli
 from minillm.stages.judge import run_judge
 from minillm.stages.evaluate import DEFAULT_FEWSHOT, DEFAULT_MCQ, DEFAULT_PPL, evaluate_run, render_table
 from minillm.stages.grpo import run_grpo
@@ -377,6 +378,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
              seed=args.seed)
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    try:
+        run_lm_eval_cli([a for a in args.lm_eval_args if a != "--"])
+    except ModuleNotFoundError as e:
+        raise ValueError(f"lm-eval is not installed ({e}); pip install lm_eval") from e
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -597,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--out", default="runs/reasoning")
     p.set_defaults(func=cmd_reasoning)
+
+    p = sub.add_parser(
+        "lm-eval", help="EleutherAI's lm-evaluation-harness on a run (pip install lm_eval)",
+        description="Registers this library's model with lm-eval as 'minillm' and runs lm-eval's command line with "
+                    "the remaining arguments, e.g. --model_args run=runs/pipeline/sft --tasks TASK --include_path DIR.")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval (--model minillm is added)")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser(
         "chat", help="talk to a chat run in the terminal (tokens stream as they decode)",
@@ -878,6 +893,10 @@ def check_not_overwriting_init(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"] and not {"-h", "--help"} & set(argv[1:2]):
+        # every later argument belongs to lm-eval (argparse would try to read its --flags as ours)
+        argv = ["lm-eval", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         check_not_overwriting_init(args)
