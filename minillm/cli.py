@@ -149,6 +149,7 @@ def add_run_paths(p: argparse.ArgumentParser, init: str, init_help: str, data_fi
         p.add_argument("--test", default=f"{DEFAULT_DATA}/prefs_test.jsonl", help=test_help)
     p.add_argument("--out", default=out)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
 
 
 def add_stage_flags(p: argparse.ArgumentParser, stage: str, peft: bool = False) -> None:
@@ -432,6 +433,7 @@ def add_rl_paths(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--data", default=f"{DEFAULT_DATA}/sft_train.jsonl",
                    help="prompts: JSONL with a 'prompt' field, or chats (the prompt is everything before the answer)")
     p.add_argument("--out", default=out)
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
 
 
 def cmd_assignments(args: argparse.Namespace) -> None:
@@ -505,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--out", default="runs/base")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chats (loss on the assistant tokens)")
@@ -568,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "pretraining run of the teacher's lineage instead of cross-entropy alone")
     p.add_argument("--data", default=None, help="chats JSONL (default: the teacher's own SFT data)")
     p.add_argument("--out", default="runs/distill")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
@@ -884,6 +888,17 @@ def cmd_qlora_compare(args: argparse.Namespace) -> None:
     print(f"[qlora-compare] wrote {Path(args.out) / 'table.md'}")
 
 
+def check_not_overwriting_a_run(args: argparse.Namespace) -> None:
+    """A training command whose --out already holds a run would replace its checkpoint and metrics."""
+    if not hasattr(args, "overwrite") or args.overwrite or getattr(args, "resume", False):
+        return
+    found = [name for name in ("ckpt.pt", "adapter.pt") if (Path(args.out) / name).exists()]
+    if found:
+        how = "--resume to continue it or --overwrite to replace it" if hasattr(args, "resume") else \
+            "--overwrite to replace it"
+        raise FileExistsError(f"--out {args.out} already holds a run ({found[0]}); pass {how}")
+
+
 def check_not_overwriting_init(args: argparse.Namespace) -> None:
     """A training command whose --out is its --init would write the new model over the one it starts from."""
     init, out = getattr(args, "init", None), getattr(args, "out", None)
@@ -900,6 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_not_overwriting_init(args)
+        check_not_overwriting_a_run(args)
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"minillm {args.command}: error: {e}", file=sys.stderr)

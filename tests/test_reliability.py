@@ -219,3 +219,16 @@ def test_chat_repl_commands_history_and_truncation():
     ids, dropped = chat_prompt(tok, long, 20)
     assert dropped == 2 and ids == tok.apply_chat_template(long[2:], add_generation_prompt=True)[0]
     assert "no longer fit the context" in text
+
+
+def test_training_into_a_finished_run_needs_resume_or_overwrite(tmp_path, capsys):
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"a finished run")
+    for cmd in (["sft", "--init", str(tmp_path / "base")], ["pretrain"], ["ppo", "--init", str(tmp_path / "x")]):
+        assert main(cmd + ["--out", str(run)]) == 2
+        assert "already holds a run (ckpt.pt)" in capsys.readouterr().err
+    assert (run / "ckpt.pt").read_bytes() == b"a finished run"
+    # --overwrite passes this check (and then fails on the missing base run, not on the guard)
+    assert main(["sft", "--init", str(tmp_path / "base"), "--out", str(run), "--overwrite"]) == 2
+    assert "already holds" not in capsys.readouterr().err
