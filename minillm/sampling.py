@@ -58,7 +58,7 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One next token per row from logits (B, V): greedy when temperature == 0, else sampled."""
-    if temperature < 0:
+    if not temperature >= 0:  # also refuses NaN, which would turn every probability into NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -155,6 +155,8 @@ def generate(
     device = next(model.parameters()).device
     if isinstance(idx, list):
         idx, attention_mask = left_pad(idx, pad_id)
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"generate: idx must be (B, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
     idx = idx.to(device)
     if attention_mask is None:
         attention_mask = torch.ones_like(idx)

@@ -232,3 +232,17 @@ def test_training_into_a_finished_run_needs_resume_or_overwrite(tmp_path, capsys
     # --overwrite passes this check (and then fails on the missing base run, not on the guard)
     assert main(["sft", "--init", str(tmp_path / "base"), "--out", str(run), "--overwrite"]) == 2
     assert "already holds" not in capsys.readouterr().err
+
+
+def test_sampling_refuses_nan_temperature_and_empty_prompts():
+    import torch
+
+    from minillm.sampling import generate, sample_next
+
+    model, _ = _chat_model()
+    with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):
+        sample_next(torch.zeros(1, 5), temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"T >= 1 prompt tokens, got shape \(1, 0\)"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []], 3)
