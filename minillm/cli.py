@@ -46,7 +46,7 @@ from minillm.stages.reasoning import PARTS as REASONING_PARTS, run_reasoning
 from minillm.stages.reward import run_reward
 from minillm.stages.sft import run_sft
 from minillm.tokenizer import Tokenizer
-from minillm.utils import pick_device, write_json
+from minillm.utils import check_writable, pick_device, write_json
 from minillm.world import write_world
 
 DEFAULT_DATA = "data/world"
@@ -791,10 +791,10 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Run `evaluate_run` with the command's flags, print the table, write the JSON report atomically."""
+    out = check_writable(Path(args.out) if args.out else Path(args.ckpt) / "eval.json")  # before the scoring
     report = evaluate_run(args.ckpt, ppl=args.ppl, mcq=args.mcq, fewshot_data=args.fewshot_data,
                           contamination=args.contamination,
                           method=override(EvalConfig(), collect_overrides(args, EvalConfig)), device=args.device)
-    out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
     write_json(out, report)
     print(render_table(report))
     print(f"wrote {out}")

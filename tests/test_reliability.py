@@ -246,3 +246,11 @@ def test_sampling_refuses_nan_temperature_and_empty_prompts():
         generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []], 3)
+
+
+def test_eval_refuses_an_unwritable_out_before_scoring(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["eval", "--ckpt", str(tmp_path / "nope"), "--out", str(blocker / "eval.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "run directory not found" not in err
