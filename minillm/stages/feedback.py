@@ -324,7 +324,7 @@ def constitutional_ai(sft: str | os.PathLike, sft_model, judge_model, tok, data:
     a, b = [s[0] for s in samples], [s[1] for s in samples]
     usable = [i for i in range(len(prompts)) if a[i] and b[i] and a[i] != b[i]]
     p = constitution_preferences(judge_model, tok, [prompts[i] for i in usable], [a[i] for i in usable],
-                                 [b[i] for i in usable], principles)["preference"]
+                                 [b[i] for i in usable], principles)["preference"] if usable else []
     world = make_world(0)
     gold = [gold_preference(prompts[i], a[i], b[i], world) for i in usable]
     candidates = [{"prompt": prompts[i], "chosen": a[i], "rejected": b[i], "kind": "-", "rejected_kind": "-"}
@@ -340,7 +340,7 @@ def constitutional_ai(sft: str | os.PathLike, sft_model, judge_model, tok, data:
             "labels": "constitution", "pairs": len(ai_pairs), **label_agreement(p, gold),
             **heldout_scores(out / "rl_cai", sft_model, records, safety, method.eval_samples)}
     revised = [r for r in rows if r["revised"]]
-    asked = [r for r in rows if r["revision"] is not None]
+    asked = [r for r in rows if r["principle"] is not None]
     return {"prompts": len(prompts), "revision_asked": len(asked), "revised": len(revised),
             "revised_from": {src: sum(r["source"] == src for r in revised) for src in ("rewrite", "sample")},
             "broken_principles": {pr.name: sum(r["principle"] == pr.name for r in asked) for pr in principles},

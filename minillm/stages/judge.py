@@ -32,8 +32,8 @@ from minillm.eval.judge import (
     position_bias,
     single_scores,
 )
+from minillm.eval.task import answer_questions
 from minillm.runs import load_plain_run
-from minillm.sampling import generate_completions
 from minillm.utils import atomic_write_text, write_json
 from minillm.world import gold_reward, make_world
 
@@ -104,12 +104,6 @@ def judge_pairs(judge, tok, pairs: list[dict[str, Any]], template: str = PAIRWIS
     }
 
 
-def _greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
-    ids = [tok.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True)[0] for x in prompts]
-    outs = generate_completions(model.eval(), ids, max_new_tokens, eos_id=tok.end_id, temperature=0.0)
-    return [tok.decode(o).strip() for o in outs]
-
-
 def self_preference(judge, tok, other, other_tok, prompts: list[str], template: str = PAIRWISE_TEMPLATE,
                     world=None, own_model=None) -> dict[str, Any]:
     """The judge's greedy answers ("own"; `own_model`'s when given, e.g. the chat model a judge was fine-tuned
@@ -119,8 +113,8 @@ def self_preference(judge, tok, other, other_tok, prompts: list[str], template: 
     the gold reward (ties count 1/2); self_preference = their difference (> 0: the judge favours itself).
     """
     world = world if world is not None else make_world(0)
-    own = _greedy_answers(judge if own_model is None else own_model, tok, prompts)
-    theirs = _greedy_answers(other, other_tok, prompts)
+    own = answer_questions((judge if own_model is None else own_model).eval(), tok, prompts, max_new_tokens=48)
+    theirs = answer_questions(other.eval(), other_tok, prompts, max_new_tokens=48)
     keep = [i for i in range(len(prompts)) if own[i] != theirs[i]]
     if not keep:
         return {"n": 0, "judge_prefers_own": None, "gold_prefers_own": None, "self_preference": None}
