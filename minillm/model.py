@@ -109,6 +109,28 @@ def attention_mask_4d(
     return allowed.view(-1, 1, t_new, t_total)
 
 
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+    dropout: nn.Module | None = None,
+) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + M) V, the equation on the slide, one step per line (the explicit path; the
+    default path calls PyTorch's fused `F.scaled_dot_product_attention`, which computes the same).
+
+    q: (..., T_q, D); k, v: (..., T_k, D), any T_q and T_k; mask: bool, broadcastable to (..., T_q, T_k), True
+    where a query may see a key (M = 0 there, -inf elsewhere; `attention_mask_4d` builds the causal one).
+    `dropout` (a module) acts on the attention weights. Returns (..., T_q, D).
+    """
+    # BEGIN ASSIGNMENT attention-explicit
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T_q, T_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # M: -inf where a key is hidden
+    weights = torch.softmax(scores, dim=-1)
+    if dropout is not None:
+        weights = dropout(weights)
+    return weights @ v  # (..., T_q, D)
+    # END ASSIGNMENT
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with optional past keys/values."""
 
@@ -154,7 +176,7 @@ class CausalSelfAttention(nn.Module):
         if self.attn_impl == "explicit":
             if causal:
                 mask = attention_mask_4d(T, T, None, x.device)
-            y = self._explicit_attention(q, k, v, mask)
+            y = scaled_dot_product_attention(q, k, v, mask, self.attn_dropout)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal,
@@ -162,18 +184,6 @@ class CausalSelfAttention(nn.Module):
             )
         y = y.transpose(1, 2).contiguous().view(B, T, inner)  # (B, H, T, D) -> (B, T, H * D)
         return self.resid_dropout(self.c_proj(y)), (k, v)
-
-    def _explicit_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """softmax(Q K^T / sqrt(d) + M) V, the equation on the slide, one step per line."""
-        # BEGIN ASSIGNMENT attention-explicit
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, T_total)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # M: -inf where a key is hidden
-        weights = self.attn_dropout(torch.softmax(scores, dim=-1))
-        return weights @ v  # (B, H, T, D)
-        # END ASSIGNMENT
 
 
 class MLP(nn.Module):

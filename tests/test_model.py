@@ -89,3 +89,23 @@ def test_invalid_config(kwargs, match):
 def test_position_beyond_block_size_is_an_error(tiny_model, tiny_config):
     with pytest.raises(ValueError, match="block_size"):
         tiny_model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("T_q,T_k", [(5, 5), (3, 7), (1, 4)])
+def test_public_sdpa_equals_pytorchs_for_any_mask_and_shape(T_q, T_k):
+    """model.scaled_dot_product_attention is F.scaled_dot_product_attention for a non-square q x k and an arbitrary
+    boolean mask (every query keeps at least one key, else both give NaN rows)."""
+    import torch.nn.functional as F
+
+    from minillm.model import scaled_dot_product_attention
+
+    g = torch.Generator().manual_seed(T_q * 10 + T_k)
+    q = torch.randn(2, 3, T_q, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 3, T_k, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, T_k, 8, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 1, T_q, T_k, generator=g) < 0.6
+    mask[..., 0] = True
+    ours = scaled_dot_product_attention(q, k, v, mask)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v), atol=1e-12, rtol=1e-12)
