@@ -26,7 +26,7 @@ from minillm.align.reward import RewardModel
 from minillm.model import GPT, GPTConfig
 from minillm.peft.apply import apply_peft, merge_peft
 from minillm.tokenizer import Tokenizer
-from minillm.train import CKPT_NAME, TrainResult, check_same_config
+from minillm.train import CKPT_NAME, TrainResult, check_same_config, model_config_with_defaults
 from minillm.utils import pick_device, safe_torch_load, write_json
 
 TOKENIZER_DIR = "tokenizer"
@@ -43,12 +43,29 @@ class Run:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def save_run_files(out_dir: Path, tokenizer: Tokenizer, run_config: dict[str, Any]) -> None:
-    """The resolved config and a copy of the tokenizer, so a run directory is self-contained."""
+def save_run_files(out_dir: Path, tokenizer: Tokenizer, run_config: dict[str, Any], resume: bool = False) -> None:
+    """The resolved config and a copy of the tokenizer, so a run directory is self-contained.
+
+    With `resume`, the run already in out_dir is checked first (a checkpoint to continue, written for the same
+    network): a refused resume leaves its files as they were."""
+    if resume:
+        check_resumable(out_dir, run_config)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", run_config)
     (out_dir / TOKENIZER_DIR).mkdir(exist_ok=True)
     tokenizer.save(out_dir / TOKENIZER_DIR)
+
+
+def check_resumable(out_dir: str | os.PathLike, run_config: dict[str, Any]) -> None:
+    """--resume needs a checkpoint in out_dir, and the run's config.json must name the same network."""
+    out_dir = Path(out_dir)
+    if not (out_dir / CKPT_NAME).exists():
+        raise FileNotFoundError(f"--resume: {out_dir / CKPT_NAME} not found (nothing to continue)")
+    cfg_file = out_dir / "config.json"
+    if cfg_file.exists() and run_config.get("model") is not None:
+        saved = json.loads(cfg_file.read_text()).get("model") or {}
+        check_same_config(model_config_with_defaults(saved), model_config_with_defaults(run_config["model"]),
+                          str(out_dir / CKPT_NAME))
 
 
 def apply_peft_spec(model: GPT, peft: dict[str, Any] | None) -> nn.Module:

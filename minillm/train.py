@@ -134,7 +134,7 @@ def estimate_loss(model: nn.Module, get_batch: GetBatch | OnPolicyGetBatch, loss
     return total / max(units, 1.0)
 
 
-def _with_defaults(model_cfg: dict[str, Any]) -> dict[str, Any]:
+def model_config_with_defaults(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """A saved network config with the fields added since it was written at their defaults (GPT-2's), so an older
     checkpoint still resumes."""
     try:
@@ -281,7 +281,8 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
             raise ValueError(f"{path}: not a minillm training checkpoint (missing {key!r})")
     saved_model_cfg = state["run_config"].get("model", {})
     if run_config.get("model") is not None:
-        check_same_config(_with_defaults(saved_model_cfg), _with_defaults(run_config["model"]), str(path))
+        check_same_config(model_config_with_defaults(saved_model_cfg), model_config_with_defaults(run_config["model"]),
+                          str(path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])

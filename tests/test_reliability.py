@@ -254,3 +254,25 @@ def test_eval_refuses_an_unwritable_out_before_scoring(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path / "nope"), "--out", str(blocker / "eval.json")]) == 2
     err = capsys.readouterr().err
     assert "is a file, not a folder" in err and "run directory not found" not in err
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path):
+    from minillm.model import GPTConfig
+    from minillm.stages.pretrain import pretrain
+    from minillm.tokenizer import Tokenizer
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    tok = Tokenizer.load(root / "data" / "tokenizer")
+    (tmp_path / "train.txt").write_text((root / "data" / "world" / "corpus_train.txt").read_text()[:5000])
+    cfg = TrainConfig(max_steps=1, batch_size=2, eval_interval=0, eval_iters=1, warmup_steps=0, device="cpu")
+    small = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=8)
+    out = tmp_path / "run"
+    pretrain(tok, tmp_path / "train.txt", tmp_path / "train.txt", small, cfg, out, progress=False)
+    before = {p.name: p.read_bytes() for p in (out / "config.json", out / "ckpt.pt")}
+    other = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=1, n_embd=8)
+    with pytest.raises(ValueError, match="n_layer: checkpoint 1 vs requested 2"):
+        pretrain(tok, tmp_path / "train.txt", tmp_path / "train.txt", other, cfg, out, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in (out / "config.json", out / "ckpt.pt")} == before
+    with pytest.raises(FileNotFoundError, match="nothing to continue"):
+        pretrain(tok, tmp_path / "train.txt", tmp_path / "train.txt", small, cfg, tmp_path / "new", resume=True,
+                 progress=False)

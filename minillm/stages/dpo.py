@@ -317,7 +317,7 @@ def run_dpo(
                                  dpo={**asdict(method), "average_logps": average}, init=str(init), data=str(data),
                                  stats=stats)
     out = Path(out)
-    save_run_files(out, tok, run_config)
+    save_run_files(out, tok, run_config, resume=resume)
     first_step = checkpoint_step(out) if resume else 0
     log = BatchMetricLog()
     if not method.precompute_ref and reference is not None:

@@ -63,7 +63,7 @@ def pretrain(
     run_config = run_config_dict(stage="pretrain", model=model_cfg, train=train_cfg,
                                  data={"train": str(train_path), "val": str(val_path)},
                                  train_tokens=int(train_ids.numel()), **(extra_config or {}))
-    save_run_files(out_dir, tokenizer, run_config)
+    save_run_files(out_dir, tokenizer, run_config, resume=resume)
     result = train(model, train_cfg, get_batch, loss_fn or lm_loss, out_dir, resume=resume, run_config=run_config,
                    desc="pretrain", progress=progress)
     return model, result

@@ -255,7 +255,7 @@ def run_reward(
     run_config = run_config_dict(stage="reward", model=base_cfg["model"], train=train_cfg, init=str(init),
                                  data=str(data), reward=method, stats=stats)
     out = Path(out)
-    save_run_files(out, tok, run_config)
+    save_run_files(out, tok, run_config, resume=resume)
     first_step = checkpoint_step(out) if resume else 0
     log = BatchMetricLog()
     result = train(rm, train_cfg, get_batch, reward_loss_fn(method.center_coef, log), out, resume=resume,

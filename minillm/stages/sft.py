@@ -111,7 +111,7 @@ def run_sft(
     run_config = run_config_dict(stage="sft", model=base_cfg["model"], train=train_cfg, sft=method, peft=peft,
                                  init=str(init), data=str(data), stats=stats)
     out = Path(out)
-    save_run_files(out, tok, run_config)
+    save_run_files(out, tok, run_config, resume=resume)
     result = train(model, train_cfg, get_batch, sft_loss, out, resume=resume, run_config=run_config,
                    desc="sft" if not peft else f"sft[{peft['method']}]", has_val=val_get is not None,
                    progress=progress)
