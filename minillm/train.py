@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -174,6 +176,54 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir):
+        return _train(model, cfg, get_batch, loss_fn, out_dir, resume, run_config, desc, has_val, progress, on_policy)
+
+
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+@contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """out_dir/.lock holds the writing process's pid while a run trains, so two runs cannot interleave their
+    checkpoints and metrics in one folder; a lock left by a process that no longer exists is taken over."""
+    lock = out_dir / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _pid_alive(owner):
+                raise FileExistsError(f"{out_dir} is being written by another run (pid {owner}, {lock}); wait for it "
+                                      "or choose another --out") from None
+            print(f"[train] {lock}: taking over a stale lock (pid {owner or '?'} is gone)")
+            lock.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _train(model: nn.Module, cfg: TrainConfig, get_batch: GetBatch | OnPolicyGetBatch, loss_fn: LossFn, out_dir: Path,
+           resume: bool, run_config: dict[str, Any] | None, desc: str, has_val: bool, progress: bool,
+           on_policy: bool) -> TrainResult:
+    """The loop of `train`, inside its lock."""
     device = pick_device(cfg.device)
     model.to(device)
     optimizer = configure_optimizer(model, cfg)

@@ -276,3 +276,24 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to continue"):
         pretrain(tok, tmp_path / "train.txt", tmp_path / "train.txt", small, cfg, tmp_path / "new", resume=True,
                  progress=False)
+
+
+def test_a_run_folder_is_locked_while_it_trains(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from minillm.align.sft import sft_loss
+    from minillm.train import LOCK_NAME, train
+
+    model, get_batch = _tiny_run_pieces()
+    cfg = TrainConfig(max_steps=1, batch_size=2, eval_interval=0, log_interval=1, warmup_steps=0, device="cpu")
+    (tmp_path / LOCK_NAME).write_text(str(os.getppid()))  # a live process holds the folder
+    with pytest.raises(FileExistsError, match=rf"being written by another run \(pid {os.getppid()}"):
+        train(model, cfg, get_batch, sft_loss, tmp_path, has_val=False, progress=False)
+    assert not (tmp_path / "ckpt.pt").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_NAME).write_text(str(dead.pid))  # a crashed run's lock
+    train(model, cfg, get_batch, sft_loss, tmp_path, has_val=False, progress=False)
+    assert "taking over a stale lock" in capsys.readouterr().out
+    assert (tmp_path / "ckpt.pt").exists() and not (tmp_path / LOCK_NAME).exists()
