@@ -39,7 +39,7 @@ def minillm_lm_class() -> type:
     from lm_eval.api.model import LM  # optional dependency: only this adapter needs lm-eval
 
     class MinillmLM(LM):
-        """model_args: run=<run directory> (required), batch_size=32, device=cpu, max_length=<block_size>."""
+        """model_args: run=<run directory> (required), batch_size=32, device=auto, max_length=<block_size>."""
 
         def __init__(self, run: str, batch_size: int | str = 32, device: str = "auto",
                      max_length: int | None = None, **_: Any) -> None:
